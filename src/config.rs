@@ -1,0 +1,383 @@
+//! The system config file (TOML) turned into a validated [`SystemConfig`].
+//!
+//! Raw serde structs mirror the file and refuse unknown keys; [`SystemConfig`]
+//! is what the rest of abup sees: every path absolute, every choice an enum,
+//! every "one of these two" resolved. The README documents every key.
+
+use crate::slot::SlotName;
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use std::path::{Component, Path, PathBuf};
+
+/// Where the config is read from when neither `--config` nor `ABUP_CONFIG` is set.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/abup/system.toml";
+
+/// Largest config file accepted; a config is a few hundred bytes.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// A GPT partition named by label or by unique partition GUID (PARTUUID).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PartRef {
+    Label(String),
+    Uuid(String),
+}
+
+impl std::fmt::Display for PartRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PartRef::Label(l) => write!(f, "PARTLABEL={l}"),
+            PartRef::Uuid(u) => write!(f, "PARTUUID={u}"),
+        }
+    }
+}
+
+/// Where the GRUB environment block lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GrubEnvLocation {
+    /// A path in the running system (e.g. `/boot/grub/grubenv`).
+    File(PathBuf),
+    /// A file on a partition of the disk that abup mounts (ext4) while it works.
+    Partition { part: PartRef, path: PathBuf },
+}
+
+/// The boot backend, chosen once from the config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BootConfig {
+    Grub { env: GrubEnvLocation },
+}
+
+/// The validated system configuration.
+#[derive(Clone, Debug)]
+pub struct SystemConfig {
+    /// The file this was read from (for messages).
+    pub source: PathBuf,
+    /// Device type; a bundle must carry exactly this compatible string.
+    pub compatible: String,
+    /// A block device, or a disk-image file that abup attaches to loop devices.
+    pub disk: PathBuf,
+    /// GPT partitions of slots A and B.
+    pub slot_a: PartRef,
+    pub slot_b: PartRef,
+    pub boot: BootConfig,
+    /// Boot attempts a newly activated slot gets before the bootloader falls back.
+    pub boot_tries: u32,
+    /// Public keys whose signatures are trusted.
+    pub trusted_keys: Vec<PathBuf>,
+    /// Absolute paths carried from the running system into the new root.
+    pub preserve: Vec<PathBuf>,
+    /// Root of the running system that preserved paths are read from.
+    pub preserve_from: PathBuf,
+    /// Directory holding abup's records of what each slot holds.
+    pub state_dir: PathBuf,
+}
+
+impl SystemConfig {
+    /// The partition of `slot`.
+    pub fn slot(&self, slot: SlotName) -> &PartRef {
+        match slot {
+            SlotName::A => &self.slot_a,
+            SlotName::B => &self.slot_b,
+        }
+    }
+
+    /// Reads and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<SystemConfig> {
+        let meta = std::fs::metadata(path).with_context(|| {
+            format!(
+                "reading config {}: pass --config or set ABUP_CONFIG to use another file",
+                path.display()
+            )
+        })?;
+        if meta.len() > MAX_CONFIG_BYTES {
+            bail!(
+                "reading config {}: file is larger than {MAX_CONFIG_BYTES} bytes",
+                path.display()
+            );
+        }
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        Self::parse(&text, path).with_context(|| format!("config {}", path.display()))
+    }
+
+    /// Parses and validates config text; `source` is only used in messages.
+    pub fn parse(text: &str, source: &Path) -> Result<SystemConfig> {
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| anyhow::anyhow!("{}", e.to_string().trim().replace('\n', " ")))?;
+        let slot_a = raw.slots.a.into_ref("slots.A")?;
+        let slot_b = raw.slots.b.into_ref("slots.B")?;
+        if slot_a == slot_b {
+            bail!("slots.A and slots.B name the same partition ({slot_a})");
+        }
+        let boot_tries = raw.boot.tries.unwrap_or(3);
+        if !(1..=9).contains(&boot_tries) {
+            bail!("boot.tries must be between 1 and 9, not {boot_tries}");
+        }
+        let boot = match raw.boot.backend.as_str() {
+            "grub" => {
+                let g = raw.boot.grub.unwrap_or_default();
+                let env = match (g.envfile, g.partlabel, g.partuuid) {
+                    (Some(f), None, None) => {
+                        if g.path.is_some() {
+                            bail!(
+                                "boot.grub.path is only used with boot.grub.partlabel or partuuid"
+                            );
+                        }
+                        GrubEnvLocation::File(absolute("boot.grub.envfile", f)?)
+                    }
+                    (None, label, uuid) if label.is_some() || uuid.is_some() => {
+                        let part = PartSpec {
+                            partlabel: label,
+                            partuuid: uuid,
+                        }
+                        .into_ref("boot.grub")?;
+                        let path = g.path.unwrap_or_else(|| PathBuf::from("grub/grubenv"));
+                        let path = relative_inside("boot.grub.path", &path)?;
+                        GrubEnvLocation::Partition { part, path }
+                    }
+                    (None, None, None) => {
+                        GrubEnvLocation::File(PathBuf::from("/boot/grub/grubenv"))
+                    }
+                    _ => bail!(
+                        "boot.grub: set either envfile, or partlabel/partuuid (with path), not both"
+                    ),
+                };
+                BootConfig::Grub { env }
+            }
+            other => bail!("boot.backend {other:?} is not supported; supported backends: grub"),
+        };
+        if raw.compatible.trim().is_empty() {
+            bail!("compatible must not be empty");
+        }
+        let preserve = raw
+            .preserve
+            .paths
+            .into_iter()
+            .map(|p| absolute("preserve.paths", p))
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(p) = preserve.iter().find(|p| p == &Path::new("/")) {
+            bail!(
+                "preserve.paths: {} would replace the whole new root",
+                p.display()
+            );
+        }
+        Ok(SystemConfig {
+            source: source.to_path_buf(),
+            compatible: raw.compatible,
+            disk: absolute("disk.device", raw.disk.device)?,
+            slot_a,
+            slot_b,
+            boot,
+            boot_tries,
+            trusted_keys: raw
+                .keys
+                .trusted
+                .into_iter()
+                .map(|p| absolute("keys.trusted", p))
+                .collect::<Result<_>>()?,
+            preserve,
+            preserve_from: absolute(
+                "preserve.from",
+                raw.preserve.from.unwrap_or_else(|| PathBuf::from("/")),
+            )?,
+            state_dir: absolute(
+                "state_dir",
+                raw.state_dir
+                    .unwrap_or_else(|| PathBuf::from("/var/lib/abup")),
+            )?,
+        })
+    }
+}
+
+/// Requires an absolute path without `..` (config paths never need one).
+fn absolute(key: &str, p: PathBuf) -> Result<PathBuf> {
+    if !p.is_absolute() {
+        bail!("{key}: {} must be an absolute path", p.display());
+    }
+    if p.components().any(|c| c == Component::ParentDir) {
+        bail!("{key}: {} must not contain '..'", p.display());
+    }
+    Ok(p)
+}
+
+/// Requires a relative path that stays inside its base directory.
+fn relative_inside(key: &str, p: &Path) -> Result<PathBuf> {
+    if p.is_absolute() || p.components().any(|c| c == Component::ParentDir) {
+        bail!(
+            "{key}: {} must be relative to the partition's root, without '..'",
+            p.display()
+        );
+    }
+    Ok(p.to_path_buf())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    compatible: String,
+    state_dir: Option<PathBuf>,
+    disk: RawDisk,
+    slots: RawSlots,
+    boot: RawBoot,
+    #[serde(default)]
+    keys: RawKeys,
+    #[serde(default)]
+    preserve: RawPreserve,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDisk {
+    device: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSlots {
+    #[serde(rename = "A")]
+    a: PartSpec,
+    #[serde(rename = "B")]
+    b: PartSpec,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct PartSpec {
+    partlabel: Option<String>,
+    partuuid: Option<String>,
+}
+
+impl PartSpec {
+    fn into_ref(self, key: &str) -> Result<PartRef> {
+        match (self.partlabel, self.partuuid) {
+            (Some(l), None) if !l.is_empty() => Ok(PartRef::Label(l)),
+            (None, Some(u)) => {
+                let u = u.to_ascii_lowercase();
+                if uuid_shape_ok(&u) {
+                    Ok(PartRef::Uuid(u))
+                } else {
+                    bail!("{key}.partuuid {u:?} is not a GUID like 0fc63daf-8483-4772-8e79-3d69d8477de4")
+                }
+            }
+            _ => bail!("{key}: set exactly one of partlabel or partuuid"),
+        }
+    }
+}
+
+fn uuid_shape_ok(u: &str) -> bool {
+    let parts: Vec<&str> = u.split('-').collect();
+    parts.iter().map(|p| p.len()).eq([8, 4, 4, 4, 12])
+        && parts
+            .iter()
+            .all(|p| p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBoot {
+    backend: String,
+    tries: Option<u32>,
+    grub: Option<RawGrub>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawGrub {
+    envfile: Option<PathBuf>,
+    partlabel: Option<String>,
+    partuuid: Option<String>,
+    path: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawKeys {
+    #[serde(default)]
+    trusted: Vec<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPreserve {
+    #[serde(default)]
+    paths: Vec<PathBuf>,
+    from: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+compatible = "acme-gw"
+state_dir = "/data/abup"
+[disk]
+device = "/dev/mmcblk0"
+[slots.A]
+partlabel = "rootA"
+[slots.B]
+partuuid = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+[boot]
+backend = "grub"
+tries = 2
+[boot.grub]
+partlabel = "boot"
+path = "EFI/grubenv"
+[keys]
+trusted = ["/etc/abup/keys/release.pub"]
+[preserve]
+paths = ["/etc/hostname", "/etc/ssh"]
+"#;
+
+    #[test]
+    fn parses_full_example() {
+        let c = SystemConfig::parse(FULL, Path::new("t.toml")).unwrap();
+        assert_eq!(c.compatible, "acme-gw");
+        assert_eq!(c.slot_a, PartRef::Label("rootA".into()));
+        assert_eq!(
+            c.slot_b,
+            PartRef::Uuid("0fc63daf-8483-4772-8e79-3d69d8477de4".into())
+        );
+        assert_eq!(c.boot_tries, 2);
+        assert_eq!(
+            c.boot,
+            BootConfig::Grub {
+                env: GrubEnvLocation::Partition {
+                    part: PartRef::Label("boot".into()),
+                    path: "EFI/grubenv".into()
+                }
+            }
+        );
+        assert_eq!(c.preserve_from, Path::new("/"));
+        assert_eq!(c.state_dir, Path::new("/data/abup"));
+    }
+
+    #[test]
+    fn refuses_bad_configs() {
+        let cases = [
+            (
+                FULL.replace("grub\"\ntries", "uboot\"\ntries"),
+                "not supported",
+            ),
+            (FULL.replace("state_dir", "stat_dir"), "unknown field"),
+            (FULL.replace("/etc/ssh", "etc/ssh"), "absolute"),
+            (FULL.replace("/etc/ssh", "/etc/../ssh"), "'..'"),
+            (FULL.replace("EFI/grubenv", "/EFI/grubenv"), "relative"),
+            (FULL.replace("tries = 2", "tries = 0"), "between 1 and 9"),
+            (FULL.replace("8E79", "8E7"), "GUID"),
+            (
+                FULL.replace(
+                    "partuuid = \"0FC63DAF-8483-4772-8E79-3D69D8477DE4\"",
+                    "partlabel = \"rootA\"",
+                ),
+                "same partition",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = format!(
+                "{:#}",
+                SystemConfig::parse(&text, Path::new("t")).unwrap_err()
+            );
+            assert!(err.contains(want), "{want:?} not in {err:?}");
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! abup: an A/B partition OS updater for embedded and edge Linux devices.
+//!
+//! The design in a few lines:
+//! - [`config`] turns the system config file into a validated [`config::SystemConfig`].
+//! - [`disk`] reads the GPT and resolves slots A and B to block devices.
+//! - [`bundle`] is the signed, streamable bundle format (manifest first).
+//! - [`install`] is the update transaction as a short list of named steps:
+//!   checks → plan → mark spare bad → format + stream + verify → preserve
+//!   files → record → flip (the only flip, and the last write).
+//! - [`boot`] holds the one [`boot::BootBackend`] trait and its implementations,
+//!   chosen once from the config.
+//! - [`state`] records what each slot holds, so `status` tells the truth.
+//! - [`report`] is the run report: every step ends unchanged, changed or failed.
+
+pub mod config;
+pub mod report;
+pub mod slot;
+pub mod state;
+pub mod util;

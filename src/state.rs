@@ -1,0 +1,159 @@
+//! abup's record of what each slot holds: version, bundle hash, whether it
+//! was blessed by `mark-good`.
+//!
+//! The bootloader only knows "bootable or not"; this record is what lets
+//! `status` name versions and tell "trying" from "good". It is one JSON file
+//! (`slots.json`) in the configured state directory, replaced atomically, so
+//! a power cut leaves either the old record or the new one. Before a slot is
+//! overwritten its record is set to `incomplete`, and only after its payload
+//! is verified is it set to `installed`.
+
+use crate::slot::SlotName;
+use crate::util::write_atomic;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+const FILE_NAME: &str = "slots.json";
+
+/// Whether a slot's content is complete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Content {
+    /// An install started writing and has not finished verifying.
+    Incomplete,
+    /// The payload was written and verified.
+    Installed,
+}
+
+/// What abup knows of one slot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlotRecord {
+    pub content: Content,
+    pub version: String,
+    pub compatible: String,
+    pub bundle_sha256: String,
+    /// Unix seconds when the install finished (or started, while incomplete).
+    pub installed_at: u64,
+    /// Set by `mark-good` after a healthy boot; cleared by a new install.
+    pub good: bool,
+}
+
+/// Records of both slots.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Records {
+    #[serde(rename = "A", default)]
+    pub a: Option<SlotRecord>,
+    #[serde(rename = "B", default)]
+    pub b: Option<SlotRecord>,
+}
+
+impl Records {
+    pub fn get(&self, slot: SlotName) -> Option<&SlotRecord> {
+        match slot {
+            SlotName::A => self.a.as_ref(),
+            SlotName::B => self.b.as_ref(),
+        }
+    }
+
+    pub fn get_mut(&mut self, slot: SlotName) -> &mut Option<SlotRecord> {
+        match slot {
+            SlotName::A => &mut self.a,
+            SlotName::B => &mut self.b,
+        }
+    }
+}
+
+/// The record file in a state directory.
+#[derive(Clone, Debug)]
+pub struct StateStore {
+    dir: PathBuf,
+}
+
+impl StateStore {
+    pub fn new(dir: &Path) -> StateStore {
+        StateStore {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn file(&self) -> PathBuf {
+        self.dir.join(FILE_NAME)
+    }
+
+    /// Reads the records; a missing file means nothing is recorded yet.
+    pub fn load(&self) -> Result<Records> {
+        let path = self.file();
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Records::default()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        if text.len() > 64 * 1024 {
+            bail!(
+                "reading {}: file is too large to be a slot record",
+                path.display()
+            );
+        }
+        serde_json::from_slice(&text).with_context(|| {
+            format!(
+                "parsing slot records {}: fix or remove the file (status will then show versions as unknown)",
+                path.display()
+            )
+        })
+    }
+
+    /// Replaces the records atomically, creating the state directory if needed.
+    pub fn save(&self, records: &Records) -> Result<()> {
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating state directory {}", self.dir.display()))?;
+        let mut text = serde_json::to_vec_pretty(records).context("encoding slot records")?;
+        text.push(b'\n');
+        write_atomic(&self.file(), &text)
+            .with_context(|| format!("recording slot state in {}", self.dir.display()))
+    }
+
+    /// Loads, applies `f` to the record of `slot`, and saves.
+    pub fn update(&self, slot: SlotName, f: impl FnOnce(&mut Option<SlotRecord>)) -> Result<()> {
+        let mut r = self.load()?;
+        f(r.get_mut(slot));
+        self.save(&r)
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_updates_one_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(&dir.path().join("nested"));
+        assert_eq!(store.load().unwrap(), Records::default());
+        let rec = SlotRecord {
+            content: Content::Installed,
+            version: "1.2.3".into(),
+            compatible: "c".into(),
+            bundle_sha256: "ab".repeat(32),
+            installed_at: 7,
+            good: false,
+        };
+        store
+            .update(SlotName::B, |r| *r = Some(rec.clone()))
+            .unwrap();
+        let got = store.load().unwrap();
+        assert_eq!(got.get(SlotName::B), Some(&rec));
+        assert_eq!(got.get(SlotName::A), None);
+        std::fs::write(dir.path().join("nested/slots.json"), "{").unwrap();
+        assert!(format!("{:#}", store.load().unwrap_err()).contains("parsing slot records"));
+    }
+}

@@ -1,0 +1,61 @@
+//! Small helpers shared by every module: running external commands with a
+//! named step, and atomic file replacement.
+//!
+//! Every external tool abup calls (mkfs.ext4, losetup, mount, partx …) goes
+//! through [`run`], so that errors and progress always say which step ran what.
+
+use anyhow::{bail, Context, Result};
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+
+/// Runs `cmd` for the named `step` and returns its stdout.
+///
+/// A non-zero exit becomes an error of the form
+/// `{step}: {program args…} exited with 1: {stderr}`.
+pub fn run(step: &str, cmd: &mut Command) -> Result<String> {
+    let shown = format!("{cmd:?}").replace('"', "");
+    let out = cmd
+        .output()
+        .with_context(|| format!("{step}: starting {shown}"))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        bail!(
+            "{step}: {shown} exited with {}: {}",
+            out.status
+                .code()
+                .map_or("a signal".to_string(), |c| c.to_string()),
+            stderr.trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Replaces `path` with `data` atomically: write a temporary file beside it,
+/// fsync it, rename it over `path`, then fsync the directory. A reader (or a
+/// power cut) sees either the old content or the new, never a mix.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".abup-tmp-")
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    tmp.write_all(data)
+        .and_then(|_| tmp.as_file().sync_all())
+        .with_context(|| format!("writing {}", tmp.path().display()))?;
+    if let Ok(meta) = fs::metadata(path) {
+        // Keep the mode of the file we replace (tempfile creates 0600).
+        fs::set_permissions(tmp.path(), meta.permissions())
+            .with_context(|| format!("setting mode of {}", tmp.path().display()))?;
+    }
+    tmp.persist(path)
+        .with_context(|| format!("renaming temporary file over {}", path.display()))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing directory {}", dir.display()))?;
+    Ok(())
+}
