@@ -12,6 +12,7 @@
 //! - [`state`] records what each slot holds, so `status` tells the truth.
 //! - [`report`] is the run report: every step ends unchanged, changed or failed.
 
+pub mod bundle;
 pub mod config;
 pub mod report;
 pub mod slot;

@@ -1,0 +1,406 @@
+//! The bundle manifest: what the bundle is for (`compatible`), what it
+//! installs (`version`) and, for every payload, its exact sizes and SHA-256
+//! hashes before and after compression.
+//!
+//! The manifest is the only part of a bundle that is signed, so it is parsed
+//! strictly: unknown fields, a newer `format`, malformed hashes or
+//! inconsistent sizes are all errors rather than something to guess around.
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// The manifest format this abup writes and understands.
+pub const MANIFEST_FORMAT: u32 = 1;
+
+/// The name of the payload holding the root filesystem.
+pub const ROOTFS: &str = "rootfs";
+
+/// The manifest of a bundle, as stored (JSON) at the start of the bundle.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Manifest format; always [`MANIFEST_FORMAT`].
+    pub format: u32,
+    /// Which devices may install this bundle; must equal the device's
+    /// configured `compatible` string.
+    pub compatible: String,
+    /// The OS version the bundle installs (SemVer 2.0).
+    #[serde(with = "version_string")]
+    pub version: semver::Version,
+    /// Creation time, Unix seconds.
+    pub created: u64,
+    /// Free text for humans.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The payloads, in the order their bytes follow in the bundle.
+    pub payloads: Vec<Payload>,
+}
+
+/// One payload: a blob of bytes stored (possibly compressed) in the bundle.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Payload {
+    /// Payload name; `rootfs` is the root filesystem.
+    pub name: String,
+    /// What the uncompressed bytes are.
+    pub kind: PayloadKind,
+    /// How the bytes are stored in the bundle.
+    pub compression: Compression,
+    /// Uncompressed size in bytes.
+    pub size: u64,
+    /// Lowercase hex SHA-256 of the uncompressed bytes.
+    pub sha256: String,
+    /// Size in bytes of the stored (compressed) bytes in the bundle.
+    pub stored_size: u64,
+    /// Lowercase hex SHA-256 of the stored bytes.
+    pub stored_sha256: String,
+    /// For tar payloads: an estimate of the space the files take once
+    /// extracted (regular files rounded up to 4096 bytes, plus 4096 per
+    /// directory, symlink or other entry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub installed_size: Option<u64>,
+}
+
+/// What a payload's uncompressed bytes are.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadKind {
+    /// A tar archive (POSIX/PAX as written by GNU tar), to be extracted onto a
+    /// freshly made filesystem.
+    Tar,
+    /// A filesystem image, to be written byte for byte onto the partition.
+    Raw,
+}
+
+/// How a payload is stored in the bundle.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Stored as is.
+    None,
+    /// A single gzip member.
+    Gzip,
+    /// One or more zstd frames.
+    Zstd,
+}
+
+impl fmt::Display for PayloadKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PayloadKind::Tar => "tar",
+            PayloadKind::Raw => "raw",
+        })
+    }
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Zstd => "zstd",
+        })
+    }
+}
+
+impl FromStr for Compression {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(Compression::None),
+            "gzip" => Ok(Compression::Gzip),
+            "zstd" => Ok(Compression::Zstd),
+            other => bail!("unknown compression \"{other}\" (expected none, gzip or zstd)"),
+        }
+    }
+}
+
+impl Manifest {
+    /// The root filesystem payload.
+    ///
+    /// # Panics
+    ///
+    /// If the manifest has no `rootfs` payload. Every manifest that passed
+    /// [`Manifest::parse`] or [`Manifest::to_bytes`] has exactly one.
+    pub fn rootfs(&self) -> &Payload {
+        self.payload(ROOTFS)
+            .expect("a validated manifest always has a rootfs payload")
+    }
+
+    /// The payload called `name`, if any.
+    pub fn payload(&self, name: &str) -> Option<&Payload> {
+        self.payloads.iter().find(|p| p.name == name)
+    }
+
+    /// Total number of payload bytes stored in the bundle.
+    pub fn stored_size(&self) -> u64 {
+        self.payloads.iter().map(|p| p.stored_size).sum()
+    }
+
+    /// Serializes the manifest (validating it first) to the bytes stored in
+    /// the bundle and covered by the signature.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        self.validate().context("validating the manifest")?;
+        let mut bytes = serde_json::to_vec_pretty(self).context("serializing the manifest")?;
+        bytes.push(b'\n');
+        ensure!(
+            bytes.len() <= super::MAX_MANIFEST_LEN as usize,
+            "the manifest is {} bytes, more than the {} byte limit",
+            bytes.len(),
+            super::MAX_MANIFEST_LEN
+        );
+        Ok(bytes)
+    }
+
+    /// Parses and validates manifest bytes as read from a bundle.
+    ///
+    /// The `format` field is checked before anything else, so that a bundle
+    /// from a newer abup says "upgrade abup" instead of "unknown field".
+    pub fn parse(bytes: &[u8]) -> Result<Manifest> {
+        let text = std::str::from_utf8(bytes).context("the manifest is not UTF-8")?;
+        let value: serde_json::Value =
+            serde_json::from_str(text).context("parsing the manifest JSON")?;
+        let format = value
+            .get("format")
+            .context("the manifest is not a JSON object with a \"format\" field")?;
+        match format.as_u64() {
+            Some(f) if f == u64::from(MANIFEST_FORMAT) => {}
+            Some(f) => bail!("unsupported manifest format {f}; upgrade abup"),
+            None => bail!("the manifest \"format\" is not an unsigned integer: {format}"),
+        }
+        let manifest: Manifest = serde_json::from_str(text).context("parsing the manifest JSON")?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// Checks everything the type system does not: supported format, a
+    /// sensible `compatible`, unique well-formed payload names, exactly one
+    /// `rootfs`, well-formed hashes and sizes consistent with the compression.
+    pub fn validate(&self) -> Result<()> {
+        if self.format != MANIFEST_FORMAT {
+            bail!("unsupported manifest format {}; upgrade abup", self.format);
+        }
+        ensure!(
+            !self.compatible.trim().is_empty(),
+            "the manifest \"compatible\" is empty"
+        );
+        ensure!(
+            !self.compatible.chars().any(char::is_control),
+            "the manifest \"compatible\" contains control characters: {:?}",
+            self.compatible
+        );
+        ensure!(!self.payloads.is_empty(), "the manifest has no payloads");
+        for (i, p) in self.payloads.iter().enumerate() {
+            p.validate()
+                .with_context(|| format!("checking payload {:?}", p.name))?;
+            if self.payloads[..i].iter().any(|q| q.name == p.name) {
+                bail!("the manifest lists payload {:?} twice", p.name);
+            }
+        }
+        ensure!(
+            self.payload(ROOTFS).is_some(),
+            "the manifest has no \"{ROOTFS}\" payload"
+        );
+        Ok(())
+    }
+}
+
+impl Payload {
+    /// Checks one payload entry on its own (see [`Manifest::validate`]).
+    fn validate(&self) -> Result<()> {
+        ensure!(
+            !self.name.is_empty()
+                && self.name.len() <= 64
+                && self
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b)),
+            "payload name {:?} is not 1 to 64 characters of a-z, 0-9, '-', '_', '.'",
+            self.name
+        );
+        check_sha256("sha256", &self.sha256)?;
+        check_sha256("stored_sha256", &self.stored_sha256)?;
+        if self.compression == Compression::None {
+            ensure!(
+                self.stored_size == self.size && self.stored_sha256 == self.sha256,
+                "an uncompressed payload must have stored_size == size and stored_sha256 == sha256"
+            );
+        }
+        if self.kind == PayloadKind::Raw {
+            ensure!(
+                self.installed_size.is_none(),
+                "installed_size is only meaningful for tar payloads"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Checks that `value` is 64 lowercase hex digits.
+fn check_sha256(field: &str, value: &str) -> Result<()> {
+    ensure!(
+        value.len() == 64
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+        "{field} {value:?} is not 64 lowercase hex digits"
+    );
+    Ok(())
+}
+
+/// (De)serializes a [`semver::Version`] as its string form.
+mod version_string {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &semver::Version, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<semver::Version, D::Error> {
+        let s = String::deserialize(d)?;
+        semver::Version::parse(&s)
+            .map_err(|e| D::Error::custom(format!("version {s:?} is not SemVer 2.0: {e}")))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> Manifest {
+        Manifest {
+            format: 1,
+            compatible: "acme-gw".into(),
+            version: semver::Version::parse("2.0.0-rc.1+build.5").unwrap(),
+            created: 1_700_000_000,
+            description: Some("test".into()),
+            payloads: vec![Payload {
+                name: "rootfs".into(),
+                kind: PayloadKind::Tar,
+                compression: Compression::Zstd,
+                size: 10240,
+                sha256: "a".repeat(64),
+                stored_size: 100,
+                stored_sha256: "b".repeat(64),
+                installed_size: Some(8192),
+            }],
+        }
+    }
+
+    fn json(m: &Manifest) -> serde_json::Value {
+        serde_json::from_slice(&m.to_bytes().unwrap()).unwrap()
+    }
+
+    fn parse_value(v: &serde_json::Value) -> Result<Manifest> {
+        Manifest::parse(&serde_json::to_vec(v).unwrap())
+    }
+
+    fn err(v: &serde_json::Value) -> String {
+        format!("{:#}", parse_value(v).unwrap_err())
+    }
+
+    #[test]
+    fn round_trip() {
+        let m = sample();
+        let bytes = m.to_bytes().unwrap();
+        assert_eq!(Manifest::parse(&bytes).unwrap(), m);
+        let v = json(&m);
+        assert_eq!(v["version"], "2.0.0-rc.1+build.5");
+        assert_eq!(v["created"], 1_700_000_000);
+        assert_eq!(v["payloads"][0]["kind"], "tar");
+        assert_eq!(v["payloads"][0]["compression"], "zstd");
+        assert_eq!(m.rootfs().name, "rootfs");
+    }
+
+    #[test]
+    fn optional_fields_are_omitted() {
+        let mut m = sample();
+        m.description = None;
+        m.payloads[0].installed_size = None;
+        let v = json(&m);
+        assert!(v.get("description").is_none());
+        assert!(v["payloads"][0].get("installed_size").is_none());
+        assert_eq!(Manifest::parse(&m.to_bytes().unwrap()).unwrap(), m);
+    }
+
+    #[test]
+    fn newer_format_says_upgrade() {
+        let mut v = json(&sample());
+        v["format"] = 2.into();
+        // A newer format may well bring new fields; the format wins.
+        v["new_field"] = true.into();
+        assert_eq!(err(&v), "unsupported manifest format 2; upgrade abup");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let mut v = json(&sample());
+        v["surprise"] = 1.into();
+        assert!(err(&v).contains("unknown field `surprise`"), "{}", err(&v));
+        let mut v = json(&sample());
+        v["payloads"][0]["offset"] = 1.into();
+        assert!(err(&v).contains("unknown field `offset`"), "{}", err(&v));
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let cases: &[(&str, serde_json::Value, &str)] = &[
+            ("version", "2.0".into(), "not SemVer 2.0"),
+            ("compatible", "".into(), "\"compatible\" is empty"),
+            ("payloads", serde_json::json!([]), "no payloads"),
+        ];
+        for (field, value, want) in cases {
+            let mut v = json(&sample());
+            v[*field] = value.clone();
+            assert!(err(&v).contains(want), "{field}: {}", err(&v));
+        }
+        let payload_cases: &[(&str, serde_json::Value, &str)] = &[
+            ("sha256", "abc".into(), "64 lowercase hex"),
+            ("stored_sha256", "A".repeat(64).into(), "64 lowercase hex"),
+            ("kind", "squashfs".into(), "unknown variant"),
+            ("compression", "xz".into(), "unknown variant"),
+            ("name", "boot".into(), "no \"rootfs\" payload"),
+            ("name", "Root FS".into(), "is not 1 to 64 characters"),
+            ("size", (-1).into(), "invalid value"),
+        ];
+        for (field, value, want) in payload_cases {
+            let mut v = json(&sample());
+            v["payloads"][0][*field] = value.clone();
+            assert!(err(&v).contains(want), "{field}: {}", err(&v));
+        }
+    }
+
+    #[test]
+    fn duplicate_payloads_are_refused() {
+        let mut m = sample();
+        m.payloads.push(m.payloads[0].clone());
+        assert!(format!("{:#}", m.to_bytes().unwrap_err()).contains("twice"));
+    }
+
+    #[test]
+    fn uncompressed_sizes_must_agree() {
+        let mut m = sample();
+        m.payloads[0].compression = Compression::None;
+        assert!(m.to_bytes().is_err());
+        m.payloads[0].stored_size = m.payloads[0].size;
+        m.payloads[0].stored_sha256 = m.payloads[0].sha256.clone();
+        m.to_bytes().unwrap();
+    }
+
+    #[test]
+    fn not_json_or_not_utf8() {
+        assert!(format!("{:#}", Manifest::parse(b"\xff\xfe").unwrap_err()).contains("UTF-8"));
+        assert!(format!("{:#}", Manifest::parse(b"[1]").unwrap_err()).contains("\"format\""));
+    }
+
+    #[test]
+    fn compression_from_str() {
+        for c in [Compression::None, Compression::Gzip, Compression::Zstd] {
+            assert_eq!(c.to_string().parse::<Compression>().unwrap(), c);
+        }
+        assert!("xz".parse::<Compression>().is_err());
+    }
+}
