@@ -14,7 +14,9 @@
 
 pub mod bundle;
 pub mod config;
+pub mod mount;
 pub mod report;
 pub mod slot;
 pub mod state;
 pub mod util;
+pub mod write;

@@ -1,0 +1,34 @@
+//! Streaming writers: put a payload onto the spare slot in one pass.
+//!
+//! A bundle payload is read exactly once, as a stream (decompressor → hash →
+//! writer), so the writers here never seek back in their input and never
+//! hold a whole image in memory. There are two:
+//!
+//! - [`raw`]: a filesystem image copied byte for byte onto the slot's block
+//!   device, refusing payloads larger than the slot.
+//! - [`tar`]: a root filesystem as a tar stream, extracted onto a freshly
+//!   formatted ext4 with owners, modes, mtimes, xattrs, hard links, symlinks
+//!   and device nodes preserved.
+//!
+//! Limits, stated honestly: writes are expected to be sequential (from offset
+//! 0 for raw images, in archive order for tar); nothing is verified here
+//! beyond what the writers themselves can see (size limits, unsafe paths) —
+//! hashing is the caller's job; and data is made durable once, at the end
+//! (`fsync` of the device, `syncfs` of the new root), not per chunk or file.
+
+pub mod raw;
+pub mod tar;
+
+pub use self::raw::{device_size, write_raw, write_raw_limited};
+pub use self::tar::{extract_tar, format_ext4, write_tar};
+
+/// What a writer put on the slot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Payload bytes written: the whole image for raw writes, the contents of
+    /// regular files for tar extraction.
+    pub bytes: u64,
+    /// Filesystem objects created by tar extraction (files, directories,
+    /// links, device nodes, FIFOs); 0 for raw writes.
+    pub files: u64,
+}
