@@ -12,8 +12,10 @@
 //! - [`state`] records what each slot holds, so `status` tells the truth.
 //! - [`report`] is the run report: every step ends unchanged, changed or failed.
 
+pub mod boot;
 pub mod bundle;
 pub mod config;
+pub mod disk;
 pub mod mount;
 pub mod report;
 pub mod slot;

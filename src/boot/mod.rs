@@ -1,0 +1,94 @@
+//! Boot backends: the one trait abup uses to read and flip boot settings.
+//!
+//! Four operations, as in RAUC: primary / set primary / state / set state.
+//! The backend is chosen once from the config ([`crate::config::BootConfig`])
+//! by [`open`]; nothing else in abup knows which bootloader is in use.
+
+pub mod grub;
+
+use crate::slot::SlotName;
+use anyhow::Result;
+use serde::Serialize;
+
+/// What the bootloader knows about one slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct BootSlotInfo {
+    /// The bootloader may boot this slot (GRUB: `X_OK=1`).
+    pub ok: bool,
+    /// Boot attempts left before the bootloader falls back, when it counts.
+    pub tries_left: Option<u32>,
+}
+
+/// A slot state that can be set in the bootloader.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootState {
+    /// Bootable; resets the try counter (used by `mark-good`).
+    Good,
+    /// Never booted by the bootloader (used before overwriting a slot).
+    Bad,
+}
+
+/// A bootloader's boot settings.
+///
+/// Implementations must write atomically and must not write at all when a
+/// call changes nothing, so that a refused install leaves the environment
+/// byte-identical.
+pub trait BootBackend {
+    /// Short name used as the prefix of errors ("grub backend: …").
+    fn name(&self) -> &'static str;
+    /// The slot the bootloader will try first, if any is bootable.
+    fn primary(&self) -> Result<Option<SlotName>>;
+    /// Makes `slot` the first to boot, bootable, with a fresh try counter.
+    /// This is the flip: one atomic write.
+    fn set_primary(&mut self, slot: SlotName) -> Result<()>;
+    /// Reads what the bootloader knows about `slot`.
+    fn state(&self, slot: SlotName) -> Result<BootSlotInfo>;
+    /// Marks `slot` good (bootable, counter reset) or bad (never booted).
+    fn set_state(&mut self, slot: SlotName, state: BootState) -> Result<()>;
+}
+
+use crate::config::{BootConfig, GrubEnvLocation};
+use crate::disk::Disk;
+use crate::mount::TempMount;
+
+/// A backend opened from the config, with whatever it keeps mounted while
+/// it is in use (the boot partition holding the GRUB environment, say).
+pub struct OpenBackend {
+    // Field order matters: the backend is dropped before its mount.
+    pub backend: Box<dyn BootBackend>,
+    /// Kept mounted while the backend is in use; unmounted on drop.
+    pub mount: Option<TempMount>,
+    /// The partition device under that mount (a loop device abup attached,
+    /// for image files); detached after the unmount.
+    pub device: Option<crate::disk::PartDevice>,
+}
+
+/// Builds the configured backend. This is the only place that looks at
+/// which bootloader is configured.
+pub fn open(cfg: &BootConfig, tries: u32, disk: &Disk) -> Result<OpenBackend> {
+    match cfg {
+        BootConfig::Grub { env } => {
+            let (path, mount, device) = match env {
+                GrubEnvLocation::File(p) => (p.clone(), None, None),
+                GrubEnvLocation::Partition { part, path } => {
+                    let info = disk.find(part)?;
+                    let dev = disk.device(info)?;
+                    let m = TempMount::ext4(&dev.path, crate::mount::Access::ReadWrite).map_err(
+                        |e| {
+                            e.context(format!(
+                                "grub backend: mounting boot partition {part} ({})",
+                                dev.path.display()
+                            ))
+                        },
+                    )?;
+                    (m.path().join(path), Some(m), Some(dev))
+                }
+            };
+            Ok(OpenBackend {
+                backend: Box::new(grub::GrubBackend::open(&path, tries)?),
+                mount,
+                device,
+            })
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! The disk holding slots A and B: its GPT, and partitions resolved to devices.
+//!
+//! The disk is either a block device or a disk-image file. The GPT is read
+//! with the `gpt` crate at the disk's logical sector size (512 or 4096).
+//! A partition resolves to its kernel node (`/dev/sda3`, `/dev/loop0p3`)
+//! when one exists, and otherwise to a loop device over the partition's byte
+//! range, attached for as long as abup runs and detached on drop.
+
+use crate::config::PartRef;
+use crate::mount::LoopDevice;
+use anyhow::{bail, Context, Result};
+use gpt::disk::LogicalBlockSize;
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+/// One GPT partition.
+#[derive(Clone, Debug)]
+pub struct PartInfo {
+    /// 1-based partition number, as the kernel numbers nodes.
+    pub number: u32,
+    pub label: String,
+    /// Unique partition GUID, lowercase (the PARTUUID).
+    pub partuuid: String,
+    /// Byte offset of the first sector.
+    pub start: u64,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// A disk and its GPT partitions.
+#[derive(Debug)]
+pub struct Disk {
+    pub path: PathBuf,
+    /// True for a block device, false for a disk-image file.
+    pub is_block: bool,
+    pub sector_size: u64,
+    pub partitions: Vec<PartInfo>,
+}
+
+/// A partition reachable as a block device.
+#[derive(Debug)]
+pub struct PartDevice {
+    pub path: PathBuf,
+    /// Set when abup attached a loop device for this partition.
+    _loop: Option<LoopDevice>,
+}
+
+impl Disk {
+    /// Opens `path` and reads its GPT.
+    pub fn open(path: &Path) -> Result<Disk> {
+        let meta = fs::metadata(path).with_context(|| {
+            format!(
+                "opening disk {}: check disk.device in the config",
+                path.display()
+            )
+        })?;
+        let is_block = meta.file_type().is_block_device();
+        if !is_block && !meta.is_file() {
+            bail!(
+                "opening disk {}: not a block device or disk-image file",
+                path.display()
+            );
+        }
+        let sector_size = detect_sector_size(path, is_block)?;
+        let lb = match sector_size {
+            512 => LogicalBlockSize::Lb512,
+            4096 => LogicalBlockSize::Lb4096,
+            n => bail!(
+                "reading GPT of {}: unsupported sector size {n}",
+                path.display()
+            ),
+        };
+        let gpt = gpt::GptConfig::new()
+            .writable(false)
+            .logical_block_size(lb)
+            .open(path)
+            .with_context(|| format!("reading GPT of {}", path.display()))?;
+        let mut partitions = Vec::new();
+        for (number, p) in gpt.partitions() {
+            if !p.is_used() {
+                continue;
+            }
+            partitions.push(PartInfo {
+                number: *number,
+                label: p.name.clone(),
+                partuuid: p.part_guid.hyphenated().to_string().to_ascii_lowercase(),
+                start: p
+                    .bytes_start(lb)
+                    .with_context(|| format!("reading GPT of {}", path.display()))?,
+                size: p
+                    .bytes_len(lb)
+                    .with_context(|| format!("reading GPT of {}", path.display()))?,
+            });
+        }
+        Ok(Disk {
+            path: path.to_path_buf(),
+            is_block,
+            sector_size,
+            partitions,
+        })
+    }
+
+    /// Finds the partition `r` names.
+    pub fn find(&self, r: &PartRef) -> Result<&PartInfo> {
+        let found: Vec<&PartInfo> = self
+            .partitions
+            .iter()
+            .filter(|p| match r {
+                PartRef::Label(l) => &p.label == l,
+                PartRef::Uuid(u) => &p.partuuid == u,
+            })
+            .collect();
+        match found.as_slice() {
+            [one] => Ok(one),
+            [] => bail!(
+                "no partition {r} on {}: check the slots in the config (partitions: {})",
+                self.path.display(),
+                self.partitions
+                    .iter()
+                    .map(|p| format!("{}={:?}", p.number, p.label))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            _ => bail!(
+                "{} partitions match {r} on {}: use partuuid to name one",
+                found.len(),
+                self.path.display()
+            ),
+        }
+    }
+
+    /// Where `part` is mounted, through its own device or through any loop
+    /// device over an overlapping byte range of the same disk (a disk-image
+    /// file or disk attached by someone else, with or without partition scan).
+    pub fn mount_point(&self, part: &PartInfo, dev: &PartDevice) -> Result<Option<PathBuf>> {
+        if let Some(m) = crate::mount::mount_point_of(&dev.path)? {
+            return Ok(Some(m));
+        }
+        let disk = fs::canonicalize(&self.path)
+            .with_context(|| format!("resolving {}", self.path.display()))?;
+        let range = (part.start, part.start + part.size);
+        for (node, start, len) in loop_aliases(&disk)? {
+            let end = if len == 0 { u64::MAX } else { start + len };
+            if start < range.1 && range.0 < end {
+                if let Some(m) = crate::mount::mount_point_of(&node)? {
+                    return Ok(Some(m));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Makes `part` reachable as a block device: its kernel node if the
+    /// kernel created one, else a loop device over its byte range.
+    pub fn device(&self, part: &PartInfo) -> Result<PartDevice> {
+        if self.is_block {
+            if let Some(node) = kernel_partition_node(&self.path, part.number)? {
+                return Ok(PartDevice {
+                    path: node,
+                    _loop: None,
+                });
+            }
+        }
+        let lo = LoopDevice::attach(
+            &self.path,
+            Some(part.start),
+            Some(part.size),
+            Some(self.sector_size as u32),
+        )
+        .with_context(|| {
+            format!(
+                "attaching partition {} of {} to a loop device",
+                part.number,
+                self.path.display()
+            )
+        })?;
+        Ok(PartDevice {
+            path: lo.path().to_path_buf(),
+            _loop: Some(lo),
+        })
+    }
+}
+
+/// The logical sector size: from sysfs for block devices; for image files,
+/// where the GPT header signature sits (LBA 1 at 512 or 4096 bytes).
+fn detect_sector_size(path: &Path, is_block: bool) -> Result<u64> {
+    if is_block {
+        let name = sys_name(path)?;
+        let f = format!("/sys/class/block/{name}/queue/logical_block_size");
+        let s = fs::read_to_string(&f).with_context(|| format!("reading {f}"))?;
+        return s.trim().parse().with_context(|| format!("parsing {f}"));
+    }
+    let mut f = fs::File::open(path).with_context(|| format!("opening disk {}", path.display()))?;
+    for size in [512u64, 4096] {
+        let mut sig = [0u8; 8];
+        f.seek(SeekFrom::Start(size))
+            .and_then(|_| f.read_exact(&mut sig))
+            .ok();
+        if &sig == b"EFI PART" {
+            return Ok(size);
+        }
+    }
+    bail!(
+        "reading GPT of {}: no GPT header at 512 or 4096 bytes; is this a GPT disk image?",
+        path.display()
+    )
+}
+
+/// The kernel's name of a block device (`/dev/loop3` → `loop3`), following symlinks.
+fn sys_name(path: &Path) -> Result<String> {
+    let real = fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
+    real.file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_owned)
+        .with_context(|| format!("resolving {}: no device name", path.display()))
+}
+
+/// `/dev/<child>` for the partition numbered `number` of block device `disk`,
+/// as listed under `/sys/class/block/<disk>/`.
+fn kernel_partition_node(disk: &Path, number: u32) -> Result<Option<PathBuf>> {
+    let name = sys_name(disk)?;
+    let dir = PathBuf::from("/sys/class/block").join(&name);
+    let entries = fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?;
+    for e in entries.flatten() {
+        let child = e.file_name().to_string_lossy().into_owned();
+        if !child.starts_with(&name) {
+            continue;
+        }
+        if let Ok(n) = fs::read_to_string(e.path().join("partition")) {
+            if n.trim().parse::<u32>().ok() == Some(number) {
+                let node = PathBuf::from("/dev").join(&child);
+                if node.exists() {
+                    return Ok(Some(node));
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Loop devices (and their partitions) backed by `disk`, each as
+/// (device node, byte offset into `disk`, length or 0 for "to the end").
+fn loop_aliases(disk: &Path) -> Result<Vec<(PathBuf, u64, u64)>> {
+    let read_u64 = |p: PathBuf| -> u64 {
+        fs::read_to_string(p)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir("/sys/block") else {
+        return Ok(out);
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let sys = e.path();
+        let Ok(backing) = fs::read_to_string(sys.join("loop/backing_file")) else {
+            continue;
+        };
+        if Path::new(backing.trim()) != disk {
+            continue;
+        }
+        let offset = read_u64(sys.join("loop/offset"));
+        let limit = read_u64(sys.join("loop/sizelimit"));
+        out.push((PathBuf::from("/dev").join(&name), offset, limit));
+        for c in fs::read_dir(&sys).into_iter().flatten().flatten() {
+            let child = c.file_name().to_string_lossy().into_owned();
+            if child.starts_with(&name) && c.path().join("partition").exists() {
+                // sysfs counts partition start and size in 512-byte units.
+                let start = read_u64(c.path().join("start")) * 512;
+                let size = read_u64(c.path().join("size")) * 512;
+                out.push((PathBuf::from("/dev").join(&child), offset + start, size));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The device number of a block device node.
+pub fn rdev(path: &Path) -> Result<u64> {
+    Ok(fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .rdev())
+}
