@@ -14,11 +14,16 @@
 
 pub mod boot;
 pub mod bundle;
+pub mod cli;
 pub mod config;
+pub mod control;
 pub mod disk;
+pub mod install;
 pub mod mount;
+pub mod preserve;
 pub mod report;
 pub mod slot;
 pub mod state;
+pub mod system;
 pub mod util;
 pub mod write;

@@ -1,1 +1,206 @@
-fn main() {}
+//! The `abup` binary: parse, run, print `error: …`, exit with a code.
+
+use abup::cli::{BundleCommand, Cli, Command};
+use abup::report::{self, Reporter};
+use abup::{bundle, cli, config::SystemConfig, control, install, system::System};
+use anyhow::{Context, Result};
+use clap::Parser;
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match run(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            report::exit_code(&e)
+        }
+    };
+    std::process::exit(code);
+}
+
+/// Runs one verb; returns the exit code (errors are printed by `main`).
+fn run(cli: &Cli) -> Result<i32> {
+    match &cli.command {
+        Command::Install(a) => {
+            let opts = install::InstallOptions {
+                bundle: a.bundle.clone(),
+                allow_downgrade: a.allow_downgrade,
+                force: a.force,
+                no_activate: a.no_activate,
+                target: a.target_slot,
+                booted: cli.booted_slot,
+            };
+            let mut rep = Reporter::new("install", cli.json);
+            let result = install::install(&cli.config, &opts, &mut rep);
+            rep.finish(&result);
+            result.map(|()| report::EXIT_OK)
+        }
+        Command::Status => {
+            let sys = open_system(cli)?;
+            let st = sys.status()?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                print!("{}", control::format_status(&st));
+            }
+            Ok(report::EXIT_OK)
+        }
+        Command::MarkGood { slot } => mark(cli, slot, control::mark_good),
+        Command::MarkBad { slot } => mark(cli, slot, control::mark_bad),
+        Command::MarkActive { slot } => mark(cli, slot, control::mark_active),
+        Command::Rollback => {
+            let mut sys = open_system(cli)?;
+            say(cli, "rollback", None, &control::rollback(&mut sys)?);
+            Ok(report::EXIT_OK)
+        }
+        Command::Keygen { secret, public } => {
+            let id = bundle::keys::generate(secret, public)?;
+            say(
+                cli,
+                "keygen",
+                None,
+                &format!(
+                    "wrote key {id}: secret {}, public {}",
+                    secret.display(),
+                    public.display()
+                ),
+            );
+            Ok(report::EXIT_OK)
+        }
+        Command::Bundle(BundleCommand::Create(a)) => bundle_create(cli, a),
+        Command::Bundle(BundleCommand::Info { bundle, keys }) => bundle_info(cli, bundle, keys),
+    }
+}
+
+fn open_system(cli: &Cli) -> Result<System> {
+    let cfg = SystemConfig::load(&cli.config)?;
+    System::open(cfg, cli.booted_slot)
+}
+
+fn mark(
+    cli: &Cli,
+    which: &str,
+    f: fn(&mut System, abup::slot::SlotName) -> Result<String>,
+) -> Result<i32> {
+    abup::system::require_root("changing boot settings")?;
+    let mut sys = open_system(cli)?;
+    let slot = sys.resolve(which)?;
+    let msg = f(&mut sys, slot)?;
+    say(cli, "mark", Some(slot), &msg);
+    Ok(report::EXIT_OK)
+}
+
+/// Prints a one-line result, or a JSON object with `--json`.
+fn say(cli: &Cli, action: &str, slot: Option<abup::slot::SlotName>, msg: &str) {
+    if cli.json {
+        let v = serde_json::json!({ "action": action, "slot": slot, "result": "success", "message": msg });
+        println!("{v}");
+    } else {
+        println!("{msg}");
+    }
+}
+
+fn bundle_create(cli: &Cli, a: &cli::CreateArgs) -> Result<i32> {
+    use bundle::create::{CreateOptions, Source};
+    let source = match (&a.rootfs, &a.tarball, &a.image) {
+        (Some(d), _, _) => Source::Dir(d.clone()),
+        (_, Some(t), _) => Source::Tarball(t.clone()),
+        (_, _, Some(i)) => Source::RawImage(i.clone()),
+        _ => unreachable!("clap requires one source"),
+    };
+    let signing_key = a
+        .key
+        .as_deref()
+        .map(bundle::keys::load_signing_key)
+        .transpose()?;
+    let opts = CreateOptions {
+        source,
+        version: a.version.clone(),
+        compatible: a.compatible.clone(),
+        compression: a.compression,
+        signing_key,
+        description: a.description.clone(),
+        zstd_level: bundle::create::DEFAULT_ZSTD_LEVEL,
+    };
+    let m = bundle::create::create(&opts, &a.output)
+        .with_context(|| format!("creating bundle {}", a.output.display()))?;
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+    } else {
+        let p = m.rootfs();
+        println!(
+            "wrote {}: version {} for {:?}, {} payload ({}), {} bytes stored{}",
+            a.output.display(),
+            m.version,
+            m.compatible,
+            p.kind,
+            p.compression,
+            p.stored_size,
+            if a.key.is_some() {
+                ", signed"
+            } else {
+                ", UNSIGNED (devices will refuse it)"
+            }
+        );
+    }
+    Ok(report::EXIT_OK)
+}
+
+fn bundle_info(cli: &Cli, path: &std::path::Path, keys: &[std::path::PathBuf]) -> Result<i32> {
+    use std::io::Read;
+    let mut input: Box<dyn Read> = if path == std::path::Path::new("-") {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(
+            std::fs::File::open(path)
+                .with_context(|| format!("opening bundle {}", path.display()))?,
+        )
+    };
+    let h = bundle::reader::read_header(&mut input)
+        .with_context(|| format!("reading bundle {}", path.display()))?;
+    let signed_by = h.signature.as_ref().map(|s| s.key_id.clone());
+    let verified = if keys.is_empty() {
+        None
+    } else {
+        let keys = keys
+            .iter()
+            .map(|k| bundle::keys::load_verifying_key(k))
+            .collect::<Result<Vec<_>>>()?;
+        Some(h.verify(&keys)?)
+    };
+    if cli.json {
+        let v = serde_json::json!({
+            "bundle_sha256": h.bundle_sha256,
+            "signed_by": signed_by,
+            "verified_key": verified,
+            "manifest": h.manifest,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let m = &h.manifest;
+        println!("bundle:     {}", path.display());
+        println!("sha256:     {}", h.bundle_sha256);
+        println!("format:     {}", m.format);
+        println!("compatible: {}", m.compatible);
+        println!("version:    {}", m.version);
+        if let Some(d) = &m.description {
+            println!("description: {d}");
+        }
+        println!(
+            "signed by:  {}{}",
+            signed_by.as_deref().unwrap_or("nobody (unsigned)"),
+            if verified.is_some() {
+                " (verified)"
+            } else {
+                ""
+            }
+        );
+        for p in &m.payloads {
+            println!(
+                "payload {}: {} ({}), {} bytes, sha256 {}; stored {} bytes, sha256 {}",
+                p.name, p.kind, p.compression, p.size, p.sha256, p.stored_size, p.stored_sha256
+            );
+        }
+    }
+    Ok(report::EXIT_OK)
+}

@@ -1,0 +1,132 @@
+//! Command-line interface: one clap struct per verb; the doc comments are
+//! the `--help` text.
+
+use crate::bundle::manifest::Compression;
+use crate::slot::SlotName;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// abup: A/B partition OS updater.
+///
+/// Installs a signed bundle into the spare root slot, then flips the
+/// bootloader to it as the last step. Exit codes: 0 success; 1 failed after
+/// writing began (booted slot and boot settings intact); 2 usage error;
+/// 3 refused before anything was written.
+#[derive(Parser, Debug)]
+#[command(name = "abup", version)]
+pub struct Cli {
+    /// System config file.
+    #[arg(long, global = true, env = "ABUP_CONFIG", default_value = crate::config::DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// Print machine-readable JSON on stdout (progress goes to stderr).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Treat this slot as the booted one instead of detecting it from
+    /// /proc/cmdline and the device of / (for tests and special setups).
+    #[arg(long, global = true, value_name = "A|B")]
+    pub booted_slot: Option<SlotName>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Install a bundle into the spare slot and make it primary.
+    Install(InstallArgs),
+    /// Show the booted and primary slot and the state of each slot.
+    Status,
+    /// Mark a slot good after a healthy boot (default: the booted slot).
+    MarkGood {
+        /// booted, other, A or B.
+        #[arg(default_value = "booted")]
+        slot: String,
+    },
+    /// Mark a slot bad: the bootloader will not boot it.
+    MarkBad {
+        /// booted, other, A or B.
+        slot: String,
+    },
+    /// Make a slot primary with a fresh try counter.
+    MarkActive {
+        /// booted, other, A or B.
+        slot: String,
+    },
+    /// Make the other slot primary again, if it holds a good install.
+    Rollback,
+    /// Generate an ed25519 key pair for signing bundles.
+    Keygen {
+        /// Where to write the secret key (mode 0600; never overwritten).
+        #[arg(long)]
+        secret: PathBuf,
+        /// Where to write the public key (goes in keys.trusted on devices).
+        #[arg(long)]
+        public: PathBuf,
+    },
+    /// Create or inspect bundles.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+}
+
+#[derive(Args, Debug)]
+pub struct InstallArgs {
+    /// Bundle file, or - to read it from stdin.
+    pub bundle: PathBuf,
+    /// Install even if the bundle's version is not newer than the running one.
+    #[arg(long)]
+    pub allow_downgrade: bool,
+    /// Rewrite the slot even if it already holds this bundle.
+    #[arg(long)]
+    pub force: bool,
+    /// Write and verify, but do not make the slot primary.
+    #[arg(long)]
+    pub no_activate: bool,
+    /// The slot to write; required in a rescue system (not booted from A or B).
+    #[arg(long, value_name = "A|B")]
+    pub target_slot: Option<SlotName>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BundleCommand {
+    /// Build a signed bundle from a rootfs directory, tarball or raw image.
+    Create(CreateArgs),
+    /// Print a bundle's manifest.
+    Info {
+        /// Bundle file, or - for stdin.
+        bundle: PathBuf,
+        /// Also verify the signature against this public key (repeatable).
+        #[arg(long = "key")]
+        keys: Vec<PathBuf>,
+    },
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["rootfs", "tarball", "image"])))]
+pub struct CreateArgs {
+    /// A directory holding the root filesystem.
+    #[arg(long)]
+    pub rootfs: Option<PathBuf>,
+    /// A rootfs tarball (plain, gzip or zstd).
+    #[arg(long)]
+    pub tarball: Option<PathBuf>,
+    /// A raw filesystem image, written to the slot block for block.
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// Version of the image (SemVer 2.0, e.g. 2.1.0).
+    #[arg(long)]
+    pub version: semver::Version,
+    /// Device type the bundle is for (must equal `compatible` in the device config).
+    #[arg(long)]
+    pub compatible: String,
+    /// Payload compression.
+    #[arg(long, default_value = "zstd")]
+    pub compression: Compression,
+    /// Secret key to sign with (from `abup keygen`). Devices refuse unsigned bundles.
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Free-text description stored in the manifest.
+    #[arg(long)]
+    pub description: Option<String>,
+    /// Output bundle file.
+    #[arg(long, short)]
+    pub output: PathBuf,
+}

@@ -1,0 +1,115 @@
+//! The verbs that read or steer slots without installing: `status`,
+//! `mark-good`, `mark-bad`, `mark-active` and `rollback`.
+//!
+//! Each loads the system, changes at most one slot through the boot backend
+//! and its record, and says what it did in one line.
+
+use crate::boot::BootState;
+use crate::slot::SlotName;
+use crate::state::Content;
+use crate::system::{Status, System};
+use anyhow::{bail, Result};
+
+/// Prints the status as text for a person.
+pub fn format_status(st: &Status) -> String {
+    let name = |s: Option<SlotName>| s.map_or("none".to_string(), |s| s.to_string());
+    let mut out = format!(
+        "compatible: {}\nbooted:     {}\nprimary:    {}\nbackend:    {}\n",
+        st.compatible,
+        name(st.booted),
+        name(st.primary),
+        st.backend
+    );
+    for (slot, s) in &st.slots {
+        let mut flags = Vec::new();
+        if st.booted.map(|b| b.to_string()).as_deref() == Some(slot.as_str()) {
+            flags.push("booted");
+        }
+        if st.primary.map(|b| b.to_string()).as_deref() == Some(slot.as_str()) {
+            flags.push("primary");
+        }
+        out += &format!(
+            "slot {slot}: {}{}\n  version: {}\n  bundle:  {}\n  device:  {} (PARTLABEL={}, PARTUUID={})\n",
+            s.state,
+            if flags.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", flags.join(", "))
+            },
+            s.version.as_deref().unwrap_or("unknown"),
+            s.bundle_sha256.as_deref().unwrap_or("unknown"),
+            s.device,
+            s.partlabel,
+            s.partuuid
+        );
+        if let Some(t) = s.tries_left {
+            out += &format!("  tries left: {t}\n");
+        }
+    }
+    out
+}
+
+/// `mark-good`: the slot booted fine; make it bootable with a fresh counter
+/// and record that it was blessed.
+pub fn mark_good(sys: &mut System, slot: SlotName) -> Result<String> {
+    if sys
+        .records()?
+        .get(slot)
+        .is_some_and(|r| r.content == Content::Incomplete)
+    {
+        bail!("slot {slot} holds an incomplete install; install a bundle into it first");
+    }
+    sys.backend().set_state(slot, BootState::Good)?;
+    sys.store.update(slot, |r| {
+        if let Some(r) = r {
+            r.good = true;
+        }
+    })?;
+    Ok(format!("slot {slot} marked good"))
+}
+
+/// `mark-bad`: the bootloader must not boot the slot.
+pub fn mark_bad(sys: &mut System, slot: SlotName) -> Result<String> {
+    sys.backend().set_state(slot, BootState::Bad)?;
+    sys.store.update(slot, |r| {
+        if let Some(r) = r {
+            r.good = false;
+        }
+    })?;
+    Ok(format!("slot {slot} marked bad"))
+}
+
+/// `mark-active`: boot the slot next, with a fresh try counter.
+pub fn mark_active(sys: &mut System, slot: SlotName) -> Result<String> {
+    if sys
+        .records()?
+        .get(slot)
+        .is_some_and(|r| r.content == Content::Incomplete)
+    {
+        bail!("slot {slot} holds an incomplete install; install a bundle into it first");
+    }
+    sys.backend().set_primary(slot)?;
+    Ok(format!("slot {slot} is now primary"))
+}
+
+/// `rollback`: make the other slot primary, if it holds a good install.
+pub fn rollback(sys: &mut System) -> Result<String> {
+    // Relative to the booted slot; in a rescue system, to the primary one.
+    let from = match sys.booted {
+        Some(b) => b,
+        None => match sys.boot.backend.primary()? {
+            Some(p) => p,
+            None => bail!("no slot is bootable and none is booted; use mark-active A or B"),
+        },
+    };
+    let to = from.other();
+    let st = sys.status()?;
+    let state = st.slots[to.as_str()].state;
+    if state != "good" {
+        bail!(
+            "slot {to} holds no good install (state {state}); rollback needs a good slot to return to"
+        );
+    }
+    sys.backend().set_primary(to)?;
+    Ok(format!("slot {to} is now primary; reboot to start it"))
+}

@@ -1,0 +1,443 @@
+//! The install transaction, as a short sequence of named steps.
+//!
+//! Nothing is written before the checks return a [`Plan`]. Then: the spare
+//! slot is marked bad (and its record set to incomplete) before it is
+//! touched; the payload is streamed onto it and verified; preserved paths are
+//! copied in; the slot's record is written; and only then is the spare made
+//! primary — the only flip, and the last write.
+
+use crate::bundle::manifest::{Manifest, Payload, PayloadKind};
+use crate::bundle::reader::{payload_reader, read_header, read_trailer, BundleHeader};
+use crate::config::SystemConfig;
+use crate::mount::{Access, TempMount};
+use crate::report::{Done, Reporter, StepKind::*};
+use crate::slot::SlotName;
+use crate::state::{self, Content, SlotRecord};
+use crate::system::{self, System};
+use crate::{bundle, preserve, write};
+use anyhow::{bail, Context, Result};
+use std::fs::File;
+use std::io::{self, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+/// What the user asked for.
+#[derive(Clone, Debug, Default)]
+pub struct InstallOptions {
+    /// The bundle file, or `-` for stdin.
+    pub bundle: PathBuf,
+    pub allow_downgrade: bool,
+    /// Rewrite the slot even if it already holds this bundle.
+    pub force: bool,
+    /// Stop before the flip.
+    pub no_activate: bool,
+    /// The slot to write; required when not booted from A or B.
+    pub target: Option<SlotName>,
+    /// Overrides booted-slot detection.
+    pub booted: Option<SlotName>,
+}
+
+/// The validated decision of what to do, made before any write.
+#[derive(Debug)]
+pub struct Plan {
+    pub target: SlotName,
+    /// The target already holds this exact bundle: skip to the flip.
+    pub already_installed: bool,
+}
+
+/// Runs the install transaction, reporting each step to `rep`.
+pub fn install(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Result<()> {
+    let cfg = rep.step("load-config", Check, || {
+        system::require_root("abup install")?;
+        let cfg = SystemConfig::load(cfg_path)?;
+        Ok(Done::unchanged(cfg, format!("read {}", cfg_path.display())))
+    })?;
+    let (mut input, header) = rep.step("verify-bundle", Check, || {
+        open_and_verify(&cfg, &opts.bundle)
+    })?;
+    let manifest = header.manifest.clone();
+    rep.report.version = Some(manifest.version.to_string());
+    rep.report.bundle_sha256 = Some(header.bundle_sha256.clone());
+    let mut sys = rep.step("inspect-system", Check, || {
+        let sys = System::open(cfg, opts.booted)?;
+        let booted = sys
+            .booted
+            .map_or("none (rescue system)".to_string(), |b| b.to_string());
+        Ok(Done::unchanged(sys, format!("booted slot: {booted}")))
+    })?;
+    let plan = rep.step("check", Check, || check(&sys, &header, opts, &input))?;
+    rep.report.target_slot = Some(plan.target.to_string());
+    let target = plan.target;
+
+    if plan.already_installed {
+        let why = format!(
+            "slot {target} already holds bundle {} (version {}); pass --force to rewrite it",
+            short(&header.bundle_sha256),
+            manifest.version
+        );
+        for step in ["mark-bad", "write", "verify", "preserve", "record"] {
+            rep.skip(step, &why);
+        }
+    } else {
+        rep.step("mark-bad", Write, || mark_bad(&mut sys, target, &header))?;
+        let payload = manifest.rootfs().clone();
+        let mut reader = payload_reader(&mut input.reader, &payload)
+            .with_context(|| format!("reading payload {}", payload.name))?;
+        let new_root = rep.step("write", Write, || {
+            write_payload(&sys, target, &payload, &mut reader)
+        })?;
+        // Finishing drains and checks the payload; the step reports it.
+        let finished = reader.finish();
+        rep.step("verify", Write, || {
+            finished?;
+            read_trailer(&mut input.reader)?;
+            Ok(Done::unchanged(
+                (),
+                format!(
+                    "{} bytes, sha256 {} as signed",
+                    payload.size,
+                    short(&payload.sha256)
+                ),
+            ))
+        })?;
+        rep.step("preserve", Write, || {
+            preserve_paths(&sys, target, &payload, new_root)
+        })?;
+        rep.step("record", Write, || record(&sys, target, &header))?;
+    }
+
+    if opts.no_activate {
+        rep.skip(
+            "activate",
+            &format!("--no-activate: slot {target} stays inactive; run `abup mark-active {target}` to boot it"),
+        );
+        return Ok(());
+    }
+    rep.step("activate", Write, || activate(&mut sys, target))
+}
+
+/// The bundle stream and how many bytes the file holds, when it is a file.
+pub struct Input {
+    reader: CountingReader<Box<dyn Read>>,
+    file_len: Option<u64>,
+}
+
+fn open_and_verify(cfg: &SystemConfig, bundle: &Path) -> Result<Done<(Input, BundleHeader)>> {
+    let (reader, file_len): (Box<dyn Read>, _) = if bundle == Path::new("-") {
+        (
+            Box::new(BufReader::with_capacity(1 << 20, io::stdin())),
+            None,
+        )
+    } else {
+        let f =
+            File::open(bundle).with_context(|| format!("opening bundle {}", bundle.display()))?;
+        let len = f.metadata().map(|m| m.len()).ok();
+        (Box::new(BufReader::with_capacity(1 << 20, f)), len)
+    };
+    let mut input = Input {
+        reader: CountingReader {
+            inner: reader,
+            count: 0,
+        },
+        file_len,
+    };
+    let header = read_header(&mut input.reader)
+        .with_context(|| format!("reading bundle {}", bundle.display()))?;
+    if cfg.trusted_keys.is_empty() {
+        bail!("no trusted keys configured; add the public key that signs your bundles to keys.trusted in the config");
+    }
+    let keys = cfg
+        .trusted_keys
+        .iter()
+        .map(|p| bundle::keys::load_verifying_key(p))
+        .collect::<Result<Vec<_>>>()?;
+    let key_id = header.verify(&keys)?;
+    let comment = format!(
+        "bundle {} version {} for {:?}, signed by key {key_id}",
+        short(&header.bundle_sha256),
+        header.manifest.version,
+        header.manifest.compatible
+    );
+    Ok(Done::unchanged((input, header), comment))
+}
+
+/// Every sanity check, in order; returns the plan or the first refusal.
+fn check(
+    sys: &System,
+    header: &BundleHeader,
+    opts: &InstallOptions,
+    input: &Input,
+) -> Result<Done<Plan>> {
+    let m: &Manifest = &header.manifest;
+    if m.compatible != sys.cfg.compatible {
+        bail!(
+            "bundle is for {:?} but this device is {:?}; use a bundle built with --compatible {}",
+            m.compatible,
+            sys.cfg.compatible,
+            sys.cfg.compatible
+        );
+    }
+    if let Some(len) = input.file_len {
+        let want = input.reader.count + m.stored_size() + bundle::TRAILER.len() as u64;
+        if len < want {
+            bail!("bundle is truncated: the manifest declares {want} bytes but the file has {len}; download it again");
+        }
+        if len > want {
+            bail!(
+                "bundle has {} unexpected bytes after its end; download it again",
+                len - want
+            );
+        }
+    }
+    let target = match (sys.booted, opts.target) {
+        (Some(b), Some(t)) if t == b => bail!(
+            "slot {t} is the booted slot; abup only writes the other slot ({})",
+            b.other()
+        ),
+        (_, Some(t)) => t,
+        (Some(b), None) => b.other(),
+        (None, None) => bail!(
+            "the running system was not booted from slot A or B (a rescue system?); name the slot to write with --target-slot A or B"
+        ),
+    };
+    let slot = sys.slot(target);
+    if let Some(at) = sys.disk.mount_point(&slot.part, &slot.dev)? {
+        bail!(
+            "slot {target} ({}) is mounted at {}; unmount it first",
+            slot.dev.path.display(),
+            at.display()
+        );
+    }
+    let records = sys.records()?;
+    // The version policy compares against the running system, or in a
+    // rescue system against the slot the bootloader would start.
+    let reference = match sys.booted {
+        Some(b) => Some(b),
+        None => sys.boot.backend.primary()?,
+    }
+    .filter(|r| *r != target);
+    let current = reference
+        .and_then(|r| records.get(r))
+        .filter(|r| r.content == Content::Installed)
+        .map(|r| semver::Version::parse(&r.version))
+        .transpose()
+        .context("reading the recorded version of the running slot")?;
+    let version_note = match &current {
+        Some(cur) if m.version <= *cur && !opts.allow_downgrade => bail!(
+            "bundle version {} is not newer than the running version {cur}; pass --allow-downgrade to install it anyway",
+            m.version
+        ),
+        Some(cur) => format!("version {} (running {cur})", m.version),
+        None => format!("version {} (running version unknown)", m.version),
+    };
+    let payload = m.rootfs();
+    let need = needed_bytes(payload, slot.part.size);
+    if need > slot.part.size {
+        bail!(
+            "payload needs {need} bytes but slot {target} ({}) has {}; use a larger partition or a smaller image",
+            slot.dev.path.display(),
+            slot.part.size
+        );
+    }
+    let already_installed = !opts.force
+        && records.get(target).is_some_and(|r| {
+            r.content == Content::Installed && r.bundle_sha256 == header.bundle_sha256
+        });
+    Ok(Done::unchanged(
+        Plan {
+            target,
+            already_installed,
+        },
+        format!(
+            "compatible {:?}, {version_note}, target slot {target} ({}) free and large enough",
+            m.compatible,
+            slot.dev.path.display()
+        ),
+    ))
+}
+
+/// Bytes of the slot a payload needs: a raw image its size; a tarball its
+/// files plus room for the filesystem's own structures (inode tables and
+/// journal, about 5% and a few MiB).
+fn needed_bytes(p: &Payload, slot_size: u64) -> u64 {
+    match p.kind {
+        PayloadKind::Raw => p.size,
+        PayloadKind::Tar => p.installed_size.unwrap_or(p.size) + slot_size / 20 + (8 << 20),
+    }
+}
+
+fn mark_bad(sys: &mut System, target: SlotName, header: &BundleHeader) -> Result<Done<()>> {
+    let was_ok = sys.boot.backend.state(target)?.ok;
+    sys.backend()
+        .set_state(target, crate::boot::BootState::Bad)?;
+    sys.store.update(target, |r| {
+        *r = Some(SlotRecord {
+            content: Content::Incomplete,
+            version: header.manifest.version.to_string(),
+            compatible: header.manifest.compatible.clone(),
+            bundle_sha256: header.bundle_sha256.clone(),
+            installed_at: state::now(),
+            good: false,
+        })
+    })?;
+    let how = if was_ok {
+        "marked bad"
+    } else {
+        "was already not bootable"
+    };
+    Ok(Done::changed(
+        (),
+        format!(
+            "slot {target} {how} in {}; its record set to incomplete",
+            sys.boot.backend.name()
+        ),
+    ))
+}
+
+/// Streams the payload onto the slot. Returns the mounted new root for
+/// tarball payloads.
+fn write_payload(
+    sys: &System,
+    target: SlotName,
+    payload: &Payload,
+    reader: &mut dyn Read,
+) -> Result<Done<Option<TempMount>>> {
+    let dev = &sys.slot(target).dev.path;
+    let start = std::time::Instant::now();
+    let (stats, mount) = match payload.kind {
+        PayloadKind::Raw => (write::raw::write_raw(reader, dev)?, None),
+        PayloadKind::Tar => {
+            let (m, stats) = write::tar::write_tar(reader, dev, &fs_label(sys, target))?;
+            (stats, Some(m))
+        }
+    };
+    let secs = start.elapsed().as_secs_f64();
+    Ok(Done::changed(
+        mount,
+        format!(
+            "{} payload ({}) written to {}: {} bytes, {} files in {secs:.1} s",
+            payload.kind,
+            payload.compression,
+            dev.display(),
+            stats.bytes,
+            stats.files
+        ),
+    ))
+}
+
+/// The ext4 label of a freshly formatted slot: its GPT label when that fits
+/// ext4's 16 bytes, else `root-A` / `root-B`.
+fn fs_label(sys: &System, target: SlotName) -> String {
+    let label = &sys.slot(target).part.label;
+    if !label.is_empty() && label.len() <= 16 {
+        label.clone()
+    } else {
+        format!("root-{target}")
+    }
+}
+
+fn preserve_paths(
+    sys: &System,
+    target: SlotName,
+    payload: &Payload,
+    mounted: Option<TempMount>,
+) -> Result<Done<()>> {
+    let paths = &sys.cfg.preserve;
+    if paths.is_empty() {
+        if let Some(m) = mounted {
+            m.unmount()?;
+        }
+        return Ok(Done::unchanged((), "no paths to preserve"));
+    }
+    let dev = &sys.slot(target).dev.path;
+    let m = match mounted {
+        Some(m) => m,
+        None => TempMount::ext4(dev, Access::ReadWrite).with_context(|| {
+            format!(
+                "mounting the new {} image on {} to preserve files (preserving needs a writable ext4 image; empty preserve.paths to install others)",
+                payload.kind,
+                dev.display()
+            )
+        })?,
+    };
+    let done = preserve::copy_preserved(paths, &sys.cfg.preserve_from, m.path())?;
+    m.unmount()?;
+    let list = |v: &[PathBuf]| {
+        v.iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut comment = format!(
+        "copied {} path(s) from {}",
+        done.copied.len(),
+        sys.cfg.preserve_from.display()
+    );
+    if !done.copied.is_empty() {
+        comment += &format!(": {}", list(&done.copied));
+    }
+    if !done.missing.is_empty() {
+        comment += &format!("; skipped missing: {}", list(&done.missing));
+    }
+    Ok(if done.copied.is_empty() {
+        Done::unchanged((), comment)
+    } else {
+        Done::changed((), comment)
+    })
+}
+
+fn record(sys: &System, target: SlotName, header: &BundleHeader) -> Result<Done<()>> {
+    sys.store.update(target, |r| {
+        *r = Some(SlotRecord {
+            content: Content::Installed,
+            version: header.manifest.version.to_string(),
+            compatible: header.manifest.compatible.clone(),
+            bundle_sha256: header.bundle_sha256.clone(),
+            installed_at: state::now(),
+            good: false,
+        })
+    })?;
+    Ok(Done::changed(
+        (),
+        format!(
+            "slot {target} recorded as version {}",
+            header.manifest.version
+        ),
+    ))
+}
+
+/// The flip: makes `target` primary with a fresh try counter.
+fn activate(sys: &mut System, target: SlotName) -> Result<Done<()>> {
+    let before = (sys.boot.backend.primary()?, sys.boot.backend.state(target)?);
+    sys.backend().set_primary(target)?;
+    let after = (sys.boot.backend.primary()?, sys.boot.backend.state(target)?);
+    let tries = after
+        .1
+        .tries_left
+        .map_or(String::new(), |t| format!(" with {t} tries"));
+    let comment =
+        format!("slot {target} is primary{tries}; reboot to start it, then run `abup mark-good`");
+    Ok(if before == after {
+        Done::unchanged((), comment)
+    } else {
+        Done::changed((), comment)
+    })
+}
+
+fn short(hex: &str) -> &str {
+    &hex[..hex.len().min(12)]
+}
+
+/// Counts the bytes read, to compare a bundle file's length with what its
+/// manifest declares.
+struct CountingReader<R> {
+    inner: R,
+    count: u64,
+}
+
+impl<R: Read> Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+}

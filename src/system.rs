@@ -1,0 +1,217 @@
+//! The device as abup sees it: config, disk, the two slots, the booted slot,
+//! the boot backend and the slot records, opened once per run.
+//!
+//! [`System::status`] combines what the bootloader says (bootable, tries
+//! left) with abup's records (version, bundle, blessed) into one truthful
+//! state per slot.
+
+use crate::boot::{self, BootBackend, OpenBackend};
+use crate::config::SystemConfig;
+use crate::disk::{self, Disk, PartDevice, PartInfo};
+use crate::slot::{self, SlotIdentity, SlotName};
+use crate::state::{Content, Records, StateStore};
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+
+/// One slot, resolved to a device.
+pub struct Slot {
+    pub name: SlotName,
+    pub part: PartInfo,
+    pub dev: PartDevice,
+}
+
+/// Everything a run needs about the device.
+pub struct System {
+    pub cfg: SystemConfig,
+    pub booted: Option<SlotName>,
+    pub store: StateStore,
+    // Drop order: the backend (and its mount) before the slot devices and disk.
+    pub boot: OpenBackend,
+    pub slots: [Slot; 2],
+    pub disk: Disk,
+}
+
+impl System {
+    /// Opens the disk, the slots and the backend. `booted` overrides
+    /// detection (for tests and special setups).
+    pub fn open(cfg: SystemConfig, booted: Option<SlotName>) -> Result<System> {
+        let disk = Disk::open(&cfg.disk)?;
+        let slot = |name: SlotName| -> Result<Slot> {
+            let part = disk
+                .find(cfg.slot(name))
+                .with_context(|| format!("finding slot {name}"))?
+                .clone();
+            let dev = disk.device(&part)?;
+            Ok(Slot { name, part, dev })
+        };
+        let slots = [slot(SlotName::A)?, slot(SlotName::B)?];
+        let booted = match booted {
+            Some(b) => Some(b),
+            None => detect_booted(&slots)?,
+        };
+        let boot = boot::open(&cfg.boot, cfg.boot_tries, &disk)?;
+        Ok(System {
+            store: StateStore::new(&cfg.state_dir),
+            cfg,
+            booted,
+            boot,
+            slots,
+            disk,
+        })
+    }
+
+    pub fn slot(&self, name: SlotName) -> &Slot {
+        &self.slots[name as usize]
+    }
+
+    pub fn backend(&mut self) -> &mut dyn BootBackend {
+        self.boot.backend.as_mut()
+    }
+
+    /// Resolves a slot argument: `booted`, `other`, `A` or `B`.
+    pub fn resolve(&self, which: &str) -> Result<SlotName> {
+        match which {
+            "booted" | "other" => {
+                let b = self.booted.with_context(|| {
+                    format!(
+                        "'{which}' needs the booted slot, but the running system was not booted from slot A or B; name the slot (A or B) or pass --booted-slot"
+                    )
+                })?;
+                Ok(if which == "booted" { b } else { b.other() })
+            }
+            s => s
+                .parse()
+                .with_context(|| "expected booted, other, A or B".to_string()),
+        }
+    }
+
+    /// The combined status of both slots.
+    pub fn status(&self) -> Result<Status> {
+        let records = self.store.load()?;
+        let backend = self.boot.backend.as_ref();
+        let mut slots = BTreeMap::new();
+        for s in &self.slots {
+            let info = backend.state(s.name)?;
+            let rec = records.get(s.name);
+            slots.insert(
+                s.name.to_string(),
+                SlotStatus {
+                    state: slot_state(
+                        info.ok,
+                        self.booted == Some(s.name),
+                        rec.map(|r| (r.content, r.good)),
+                    ),
+                    version: rec.map(|r| r.version.clone()),
+                    bundle_sha256: rec.map(|r| r.bundle_sha256.clone()),
+                    installed_at: rec.map(|r| r.installed_at),
+                    device: s.dev.path.display().to_string(),
+                    partlabel: s.part.label.clone(),
+                    partuuid: s.part.partuuid.clone(),
+                    bootable: info.ok,
+                    tries_left: info.tries_left,
+                },
+            );
+        }
+        Ok(Status {
+            compatible: self.cfg.compatible.clone(),
+            booted: self.booted,
+            primary: backend.primary()?,
+            backend: backend.name().to_string(),
+            slots,
+        })
+    }
+
+    /// The records, for steps that read and write them.
+    pub fn records(&self) -> Result<Records> {
+        self.store.load()
+    }
+}
+
+/// The state shown for a slot.
+///
+/// - `empty`: no known complete install (never installed, or an install was
+///   interrupted) and not booted.
+/// - `bad`: holds an install the bootloader will not boot.
+/// - `trying`: activated by an install, not yet blessed by `mark-good`.
+/// - `good`: bootable and blessed (or installed before abup kept records).
+pub fn slot_state(bootable: bool, booted: bool, record: Option<(Content, bool)>) -> &'static str {
+    match record {
+        Some((Content::Incomplete, _)) => "empty",
+        None if !bootable && !booted => "empty",
+        _ if !bootable => "bad",
+        Some((Content::Installed, false)) => "trying",
+        _ => "good",
+    }
+}
+
+/// `abup status` output.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub compatible: String,
+    pub booted: Option<SlotName>,
+    pub primary: Option<SlotName>,
+    pub backend: String,
+    pub slots: BTreeMap<String, SlotStatus>,
+}
+
+/// One slot in `abup status`.
+#[derive(Debug, Serialize)]
+pub struct SlotStatus {
+    pub state: &'static str,
+    pub version: Option<String>,
+    pub bundle_sha256: Option<String>,
+    pub installed_at: Option<u64>,
+    pub device: String,
+    pub partlabel: String,
+    pub partuuid: String,
+    pub bootable: bool,
+    pub tries_left: Option<u32>,
+}
+
+/// Finds the booted slot from `/proc/cmdline`, then from the device of `/`.
+fn detect_booted(slots: &[Slot; 2]) -> Result<Option<SlotName>> {
+    let mut ids = Vec::new();
+    for s in slots {
+        ids.push(SlotIdentity {
+            name: s.name,
+            partlabel: &s.part.label,
+            partuuid: &s.part.partuuid,
+            rdev: disk::rdev(&s.dev.path)?,
+        });
+    }
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if let Some(b) = slot::booted_from_cmdline(&cmdline, &ids, |p| disk::rdev(p.as_ref()).ok()) {
+        return Ok(Some(b));
+    }
+    let root_dev = std::fs::metadata("/")
+        .context("reading the device of /")?
+        .dev();
+    Ok(slot::booted_from_root_dev(root_dev, &ids))
+}
+
+/// Refuses to go on unless running as root.
+pub fn require_root(what: &str) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("{what} needs root: run it with sudo or as root");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_states() {
+        use Content::*;
+        assert_eq!(slot_state(false, false, None), "empty");
+        assert_eq!(slot_state(true, true, None), "good");
+        assert_eq!(slot_state(false, true, None), "bad");
+        assert_eq!(slot_state(true, false, Some((Incomplete, false))), "empty");
+        assert_eq!(slot_state(true, false, Some((Installed, false))), "trying");
+        assert_eq!(slot_state(true, false, Some((Installed, true))), "good");
+        assert_eq!(slot_state(false, false, Some((Installed, true))), "bad");
+    }
+}
