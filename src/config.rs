@@ -82,12 +82,14 @@ impl SystemConfig {
 
     /// Reads and validates the config file at `path`.
     pub fn load(path: &Path) -> Result<SystemConfig> {
-        let meta = std::fs::metadata(path).with_context(|| {
-            format!(
-                "reading config {}: pass --config or set ABUP_CONFIG to use another file",
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+                "config {} does not exist; pass --config or set ABUP_CONFIG to use another file",
                 path.display()
-            )
-        })?;
+            ),
+            Err(e) => return Err(e).with_context(|| format!("reading config {}", path.display())),
+        };
         if meta.len() > MAX_CONFIG_BYTES {
             bail!(
                 "reading config {}: file is larger than {MAX_CONFIG_BYTES} bytes",

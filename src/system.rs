@@ -95,6 +95,8 @@ impl System {
         for s in &self.slots {
             let info = backend.state(s.name)?;
             let rec = records.get(s.name);
+            // An interrupted install left nothing usable: no version to show.
+            let complete = rec.filter(|r| r.content == Content::Installed);
             slots.insert(
                 s.name.to_string(),
                 SlotStatus {
@@ -103,14 +105,15 @@ impl System {
                         self.booted == Some(s.name),
                         rec.map(|r| (r.content, r.good)),
                     ),
-                    version: rec.map(|r| r.version.clone()),
-                    bundle_sha256: rec.map(|r| r.bundle_sha256.clone()),
-                    installed_at: rec.map(|r| r.installed_at),
+                    version: complete.map(|r| r.version.clone()),
+                    bundle_sha256: complete.map(|r| r.bundle_sha256.clone()),
+                    installed_at: complete.map(|r| r.installed_at),
                     device: s.dev.path.display().to_string(),
                     partlabel: s.part.label.clone(),
                     partuuid: s.part.partuuid.clone(),
                     bootable: info.ok,
-                    tries_left: info.tries_left,
+                    // The bootloader makes no attempt on a slot it won't boot.
+                    tries_left: if info.ok { info.tries_left } else { Some(0) },
                 },
             );
         }
