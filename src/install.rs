@@ -270,14 +270,7 @@ fn mark_bad(sys: &mut System, target: SlotName, header: &BundleHeader) -> Result
     sys.backend()
         .set_state(target, crate::boot::BootState::Bad)?;
     sys.store.update(target, |r| {
-        *r = Some(SlotRecord {
-            content: Content::Incomplete,
-            version: header.manifest.version.to_string(),
-            compatible: header.manifest.compatible.clone(),
-            bundle_sha256: header.bundle_sha256.clone(),
-            installed_at: state::now(),
-            good: false,
-        })
+        *r = Some(slot_record(header, Content::Incomplete))
     })?;
     let how = if was_ok {
         "marked bad"
@@ -385,16 +378,21 @@ fn preserve_paths(
     })
 }
 
+/// The record of a slot holding (or being written with) `header`'s bundle.
+fn slot_record(header: &BundleHeader, content: Content) -> SlotRecord {
+    SlotRecord {
+        content,
+        version: header.manifest.version.to_string(),
+        compatible: header.manifest.compatible.clone(),
+        bundle_sha256: header.bundle_sha256.clone(),
+        installed_at: state::now(),
+        good: false,
+    }
+}
+
 fn record(sys: &System, target: SlotName, header: &BundleHeader) -> Result<Done<()>> {
     sys.store.update(target, |r| {
-        *r = Some(SlotRecord {
-            content: Content::Installed,
-            version: header.manifest.version.to_string(),
-            compatible: header.manifest.compatible.clone(),
-            bundle_sha256: header.bundle_sha256.clone(),
-            installed_at: state::now(),
-            good: false,
-        })
+        *r = Some(slot_record(header, Content::Installed))
     })?;
     Ok(Done::changed(
         (),
