@@ -52,35 +52,36 @@ pub fn format_status(st: &Status) -> String {
 /// `mark-good`: the slot booted fine; make it bootable with a fresh counter
 /// and record that it was blessed.
 pub fn mark_good(sys: &mut System, slot: SlotName) -> Result<String> {
-    if sys
-        .records()?
-        .get(slot)
-        .is_some_and(|r| r.content == Content::Incomplete)
-    {
-        bail!("slot {slot} holds an incomplete install; install a bundle into it first");
-    }
-    sys.backend().set_state(slot, BootState::Good)?;
-    sys.store.update(slot, |r| {
-        if let Some(r) = r {
-            r.good = true;
-        }
-    })?;
+    refuse_incomplete(sys, slot)?;
+    set_state(sys, slot, BootState::Good)?;
     Ok(format!("slot {slot} marked good"))
 }
 
 /// `mark-bad`: the bootloader must not boot the slot.
 pub fn mark_bad(sys: &mut System, slot: SlotName) -> Result<String> {
-    sys.backend().set_state(slot, BootState::Bad)?;
-    sys.store.update(slot, |r| {
-        if let Some(r) = r {
-            r.good = false;
-        }
-    })?;
+    set_state(sys, slot, BootState::Bad)?;
     Ok(format!("slot {slot} marked bad"))
 }
 
 /// `mark-active`: boot the slot next, with a fresh try counter.
 pub fn mark_active(sys: &mut System, slot: SlotName) -> Result<String> {
+    refuse_incomplete(sys, slot)?;
+    sys.backend().set_primary(slot)?;
+    Ok(format!("slot {slot} is now primary"))
+}
+
+/// Sets the slot's state in the bootloader and whether its record is blessed.
+fn set_state(sys: &mut System, slot: SlotName, state: BootState) -> Result<()> {
+    sys.backend().set_state(slot, state)?;
+    sys.store.update(slot, |r| {
+        if let Some(r) = r {
+            r.good = state == BootState::Good;
+        }
+    })
+}
+
+/// Refuses to make a slot bootable when an install into it was interrupted.
+fn refuse_incomplete(sys: &System, slot: SlotName) -> Result<()> {
     if sys
         .records()?
         .get(slot)
@@ -88,8 +89,7 @@ pub fn mark_active(sys: &mut System, slot: SlotName) -> Result<String> {
     {
         bail!("slot {slot} holds an incomplete install; install a bundle into it first");
     }
-    sys.backend().set_primary(slot)?;
-    Ok(format!("slot {slot} is now primary"))
+    Ok(())
 }
 
 /// `rollback`: make the other slot primary, if it holds a good install.
