@@ -9,6 +9,7 @@
 use crate::bundle::manifest::{Manifest, Payload, PayloadKind};
 use crate::bundle::reader::{payload_reader, read_header, read_trailer, BundleHeader};
 use crate::config::SystemConfig;
+use crate::lock::RunLock;
 use crate::mount::{Access, TempMount};
 use crate::report::{Done, Reporter, StepKind::*};
 use crate::slot::SlotName;
@@ -46,10 +47,16 @@ pub struct Plan {
 
 /// Runs the install transaction, reporting each step to `rep`.
 pub fn install(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Result<()> {
-    let cfg = rep.step("load-config", Check, || {
+    let (cfg, _lock) = rep.step("load-config", Check, || {
         system::require_root("abup install")?;
         let cfg = SystemConfig::load(cfg_path)?;
-        Ok(Done::unchanged(cfg, format!("read {}", cfg_path.display())))
+        let lock = RunLock::acquire(&cfg.state_dir, "install")?;
+        let comment = format!(
+            "read {}; holding {}",
+            cfg_path.display(),
+            lock.path.display()
+        );
+        Ok(Done::unchanged((cfg, lock), comment))
     })?;
     let (mut input, header) = rep.step("verify-bundle", Check, || {
         open_and_verify(&cfg, &opts.bundle)
@@ -80,10 +87,15 @@ pub fn install(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
     } else {
         rep.step("mark-bad", Write, || mark_bad(&mut sys, target, &header))?;
         let payload = manifest.rootfs().clone();
-        let mut reader = payload_reader(&mut input.reader, &payload)
-            .with_context(|| format!("reading payload {}", payload.name))?;
-        let new_root = rep.step("write", Write, || {
-            write_payload(&sys, target, &payload, &mut reader)
+        let (new_root, reader) = rep.step("write", Write, || {
+            let mut reader = payload_reader(&mut input.reader, &payload)
+                .with_context(|| format!("reading payload {}", payload.name))?;
+            let done = write_payload(&sys, target, &payload, &mut reader)?;
+            Ok(Done {
+                value: (done.value, reader),
+                state: done.state,
+                comment: done.comment,
+            })
         })?;
         // Finishing drains and checks the payload; the step reports it.
         let finished = reader.finish();

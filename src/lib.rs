@@ -19,6 +19,7 @@ pub mod config;
 pub mod control;
 pub mod disk;
 pub mod install;
+pub mod lock;
 pub mod mount;
 pub mod preserve;
 pub mod report;

@@ -2,7 +2,7 @@
 
 use abup::cli::{BundleCommand, Cli, Command};
 use abup::report::{self, Reporter};
-use abup::{bundle, cli, config::SystemConfig, control, install, system::System};
+use abup::{bundle, cli, config::SystemConfig, control, install, lock::RunLock, system::System};
 use anyhow::{Context, Result};
 use clap::Parser;
 
@@ -49,7 +49,7 @@ fn run(cli: &Cli) -> Result<i32> {
         Command::MarkBad { slot } => mark(cli, slot, control::mark_bad),
         Command::MarkActive { slot } => mark(cli, slot, control::mark_active),
         Command::Rollback => {
-            let mut sys = open_system(cli)?;
+            let (_lock, mut sys) = open_locked(cli, "rollback")?;
             say(cli, "rollback", None, &control::rollback(&mut sys)?);
             Ok(report::EXIT_OK)
         }
@@ -77,13 +77,20 @@ fn open_system(cli: &Cli) -> Result<System> {
     System::open(cfg, cli.booted_slot)
 }
 
+/// Opens the system for a verb that changes boot settings, holding the run lock.
+fn open_locked(cli: &Cli, verb: &str) -> Result<(RunLock, System)> {
+    abup::system::require_root("changing boot settings")?;
+    let cfg = SystemConfig::load(&cli.config)?;
+    let lock = RunLock::acquire(&cfg.state_dir, verb)?;
+    Ok((lock, System::open(cfg, cli.booted_slot)?))
+}
+
 fn mark(
     cli: &Cli,
     which: &str,
     f: fn(&mut System, abup::slot::SlotName) -> Result<String>,
 ) -> Result<i32> {
-    abup::system::require_root("changing boot settings")?;
-    let mut sys = open_system(cli)?;
+    let (_lock, mut sys) = open_locked(cli, "mark")?;
     let slot = sys.resolve(which)?;
     let msg = f(&mut sys, slot)?;
     say(cli, "mark", Some(slot), &msg);
