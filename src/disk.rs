@@ -140,12 +140,17 @@ impl Disk {
         }
         let disk = fs::canonicalize(&self.path)
             .with_context(|| format!("resolving {}", self.path.display()))?;
-        let range = (part.start, part.start + part.size);
-        for (node, start, len) in loop_aliases(&disk)? {
-            let end = if len == 0 { u64::MAX } else { start + len };
-            if start < range.1 && range.0 < end {
-                if let Some(m) = crate::mount::mount_point_of(&node)? {
-                    return Ok(Some(m));
+        // The same bytes can be reached through the disk itself and through
+        // whatever backs it, when the disk is a loop device (over a file or
+        // another loop device): check loops over each, shifted by its offset.
+        for (backing, shift) in backing_chain(&disk) {
+            let range = (shift + part.start, shift + part.start + part.size);
+            for (node, start, len) in loop_aliases(&backing)? {
+                let end = if len == 0 { u64::MAX } else { start + len };
+                if start < range.1 && range.0 < end {
+                    if let Some(m) = crate::mount::mount_point_of(&node)? {
+                        return Ok(Some(m));
+                    }
                 }
             }
         }
@@ -238,6 +243,29 @@ fn kernel_partition_node(disk: &Path, number: u32) -> Result<Option<PathBuf>> {
         }
     }
     Ok(None)
+}
+
+/// `disk`, then what backs it while it is a loop device, each with the byte
+/// offset at which `disk`'s first byte sits in it.
+fn backing_chain(disk: &Path) -> Vec<(PathBuf, u64)> {
+    let mut chain = vec![(disk.to_path_buf(), 0)];
+    // A loop over a loop over a file is already unusual; 8 levels is plenty.
+    for _ in 0..8 {
+        let (cur, shift) = chain[chain.len() - 1].clone();
+        let Some(name) = cur.file_name().and_then(|n| n.to_str()) else {
+            break;
+        };
+        let sys = PathBuf::from("/sys/block").join(name).join("loop");
+        let Ok(backing) = fs::read_to_string(sys.join("backing_file")) else {
+            break;
+        };
+        let offset: u64 = fs::read_to_string(sys.join("offset"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        chain.push((PathBuf::from(backing.trim()), shift + offset));
+    }
+    chain
 }
 
 /// Loop devices (and their partitions) backed by `disk`, each as

@@ -73,15 +73,21 @@ pub fn open(cfg: &BootConfig, tries: u32, disk: &Disk) -> Result<OpenBackend> {
                 GrubEnvLocation::Partition { part, path } => {
                     let info = disk.find(part)?;
                     let dev = disk.device(info)?;
-                    let m = TempMount::ext4(&dev.path, crate::mount::Access::ReadWrite).map_err(
-                        |e| {
-                            e.context(format!(
-                                "grub backend: mounting boot partition {part} ({})",
-                                dev.path.display()
-                            ))
-                        },
-                    )?;
-                    (m.path().join(path), Some(m), Some(dev))
+                    // Mounting a filesystem a second time through another
+                    // device (a second loop over the same bytes) would give
+                    // two writers one filesystem: use the existing mount.
+                    if let Some(at) = disk.mount_point(info, &dev)? {
+                        (at.join(path), None, Some(dev))
+                    } else {
+                        let m = TempMount::ext4(&dev.path, crate::mount::Access::ReadWrite)
+                            .map_err(|e| {
+                                e.context(format!(
+                                    "grub backend: mounting boot partition {part} ({})",
+                                    dev.path.display()
+                                ))
+                            })?;
+                        (m.path().join(path), Some(m), Some(dev))
+                    }
                 }
             };
             Ok(OpenBackend {
