@@ -1,0 +1,188 @@
+//! The slot verbs after an install: mark-good, mark-bad, mark-active and
+//! rollback, and `install --no-activate`. Every change is checked with the
+//! real `grub-editenv list` and with `abup status`.
+
+use crate::util::*;
+use std::process::Command;
+
+#[test]
+fn mark_good_mark_bad_mark_active_and_rollback_round_trip() {
+    let env = Env::new();
+    let bundle = env.simple_bundle("1.0.0");
+    env.install_ok("A", &bundle, &[]);
+    let installed = env_with(
+        INITIAL_ENV,
+        &[("ORDER", "B A"), ("B_OK", "1"), ("B_TRY", "0")],
+    );
+    assert_eq!(env.grubenv(), installed);
+
+    // Still running A: the other slot B is only "trying", so there is no
+    // good install to roll back to.
+    let before = env.snapshot();
+    let run = env.abup(&["--booted-slot", "A", "rollback"]);
+    run.failed(3, &["slot B", "trying"]);
+    env.assert_untouched(&before);
+
+    // GRUB boots B once (it counts the attempt), B comes up and blesses itself.
+    {
+        let boot = env.disk.mount("boot", true);
+        sh(Command::new("grub-editenv")
+            .arg(boot.path().join("grub/grubenv"))
+            .args(["set", "B_TRY=1"]));
+    }
+    let st = env.status(Some("B"));
+    assert_eq!(st["slots"]["B"]["tries_left"], 2, "{st:#}");
+    assert_eq!(st["slots"]["B"]["state"], "trying");
+    env.abup(&["--booted-slot", "B", "mark-good"]).ok();
+    assert_eq!(env.grubenv(), installed, "mark-good must reset B_TRY");
+    let st = env.status(Some("B"));
+    assert_eq!(st["booted"], "B");
+    assert_eq!(st["primary"], "B");
+    assert_eq!(st["slots"]["B"]["state"], "good", "{st:#}");
+    assert_eq!(st["slots"]["B"]["tries_left"], 3);
+    assert_eq!(st["slots"]["A"]["state"], "good", "{st:#}");
+
+    // Roll back from B to A (good from before abup kept records).
+    env.abup(&["--booted-slot", "B", "rollback"]).ok();
+    assert_eq!(
+        env.grubenv(),
+        env_with(
+            INITIAL_ENV,
+            &[("ORDER", "A B"), ("B_OK", "1"), ("B_TRY", "0")]
+        )
+    );
+    assert_eq!(env.status(Some("B"))["primary"], "A");
+
+    // mark-bad B: GRUB must never boot it.
+    env.abup(&["--booted-slot", "A", "mark-bad", "B"]).ok();
+    assert_eq!(
+        env.grubenv(),
+        env_with(
+            INITIAL_ENV,
+            &[("ORDER", "A B"), ("B_OK", "0"), ("B_TRY", "0")]
+        )
+    );
+    let st = env.status(Some("A"));
+    assert_eq!(st["slots"]["B"]["state"], "bad", "{st:#}");
+    assert_eq!(st["slots"]["B"]["bootable"], false);
+    assert_eq!(st["primary"], "A");
+
+    // mark-active B: first in ORDER, bootable, fresh counter.
+    env.abup(&["--booted-slot", "A", "mark-active", "B"]).ok();
+    assert_eq!(env.grubenv(), installed);
+    let st = env.status(Some("A"));
+    assert_eq!(st["primary"], "B");
+    assert_eq!(st["slots"]["B"]["state"], "trying", "{st:#}");
+
+    // "other" resolves against the booted slot.
+    env.abup(&["--booted-slot", "A", "mark-good", "other"]).ok();
+    assert_eq!(env.status(Some("A"))["slots"]["B"]["state"], "good");
+
+    // Now A can roll back to the good B... and it already is primary.
+    env.abup(&["--booted-slot", "A", "rollback"]).ok();
+    assert_eq!(env.grubenv(), installed);
+
+    // Bad slot names and "booted" without a booted slot are usage errors
+    // that change nothing.
+    let before = env.snapshot();
+    env.abup(&["mark-bad", "C"]).failed(3, &["C"]);
+    env.abup(&["mark-good"]).failed(3, &["--booted-slot"]);
+    env.assert_untouched(&before);
+}
+
+#[test]
+fn no_activate_leaves_the_boot_order_alone() {
+    // The grubenv in a plain file (boot.grub.envfile) this time.
+    let env = Env::builder().grub(GrubLoc::File).build();
+    let boot_partition_env = {
+        let m = env.disk.mount("boot", false);
+        std::fs::read(m.path().join("grub/grubenv")).unwrap()
+    };
+    let bundle = env.simple_bundle("1.0.0");
+    let report = env.install_ok("A", &bundle, &["--no-activate"]);
+    assert_eq!(step_names(&report), INSTALL_STEPS);
+    assert_eq!(step_state(&report, "write"), "changed");
+    assert_eq!(step_state(&report, "activate"), "unchanged", "{report:#}");
+    // B was marked bad before it was written and stays so until activated.
+    assert_eq!(env.grubenv(), env_map(INITIAL_ENV));
+    let st = env.status(Some("A"));
+    assert_eq!(st["primary"], "A");
+    assert_eq!(st["slots"]["B"]["version"], "1.0.0");
+    assert_eq!(st["slots"]["B"]["bootable"], false);
+    assert_eq!(st["slots"]["B"]["tries_left"], 0);
+    {
+        let b = env.disk.mount("rootB", false);
+        assert!(std::fs::read_to_string(b.path().join("etc/os-release"))
+            .unwrap()
+            .contains("VERSION=1.0.0"));
+    }
+
+    env.abup(&["--booted-slot", "A", "mark-active", "B"]).ok();
+    assert_eq!(
+        env.grubenv(),
+        env_with(
+            INITIAL_ENV,
+            &[("ORDER", "B A"), ("B_OK", "1"), ("B_TRY", "0")]
+        )
+    );
+    assert_eq!(env.status(Some("A"))["slots"]["B"]["state"], "trying");
+
+    // abup only ever touched the configured envfile.
+    let m = env.disk.mount("boot", false);
+    assert_eq!(
+        std::fs::read(m.path().join("grub/grubenv")).unwrap(),
+        boot_partition_env
+    );
+}
+
+/// GRUB counts boot attempts in B_TRY; once they reach ABUP_MAX_TRIES the
+/// slot is no longer bootable and the bootloader falls back to A.
+#[test]
+fn exhausted_boot_attempts_fall_back_to_the_good_slot() {
+    let env = Env::new();
+    let bundle = env.simple_bundle("1.0.0");
+    env.install_ok("A", &bundle, &[]);
+    let set_try = |n: &str| {
+        let boot = env.disk.mount("boot", true);
+        sh(Command::new("grub-editenv")
+            .arg(boot.path().join("grub/grubenv"))
+            .args(["set", &format!("B_TRY={n}")]));
+    };
+    set_try("2");
+    let st = env.status(Some("A"));
+    assert_eq!(st["primary"], "B");
+    assert_eq!(st["slots"]["B"]["tries_left"], 1, "{st:#}");
+    set_try("3");
+    // The device is back on A after the third failed boot of B.
+    let st = env.status(Some("A"));
+    assert_eq!(st["primary"], "A", "{st:#}");
+    assert_eq!(st["slots"]["B"]["bootable"], false);
+    assert_eq!(st["slots"]["B"]["state"], "bad", "{st:#}");
+    assert_eq!(st["slots"]["B"]["tries_left"], 0);
+    assert_eq!(st["slots"]["B"]["version"], "1.0.0");
+
+    // Nothing good to roll back to; A blesses itself; B can be retried.
+    env.abup(&["--booted-slot", "A", "rollback"])
+        .failed(3, &["slot B"]);
+    let run = env.abup(&["--json", "--booted-slot", "A", "mark-good"]);
+    run.ok();
+    let out = run.json();
+    assert_eq!(out["slot"], "A", "{out:#}");
+    assert_eq!(out["result"], "success");
+    assert_eq!(
+        env.grubenv(),
+        env_with(
+            INITIAL_ENV,
+            &[("ORDER", "B A"), ("B_OK", "1"), ("B_TRY", "3")]
+        )
+    );
+    env.abup(&["--booted-slot", "A", "mark-active", "B"]).ok();
+    assert_eq!(
+        env.grubenv(),
+        env_with(
+            INITIAL_ENV,
+            &[("ORDER", "B A"), ("B_OK", "1"), ("B_TRY", "0")]
+        )
+    );
+    assert_eq!(env.status(Some("A"))["slots"]["B"]["state"], "trying");
+}

@@ -1,0 +1,18 @@
+//! abup's integration tests: one test binary (as in ripgrep), with the
+//! modules under `tests/it/` so that cargo does not build each file as a
+//! test binary of its own.
+//!
+//! Every test builds its own GPT disk image with the real `sgdisk`,
+//! `mkfs.ext4` and `grub-editenv`, runs the built `abup` binary against it,
+//! and inspects the result through loop devices and read-only mounts. The
+//! tests need root and working loop devices; loop devices and mounts are
+//! RAII guards, so a failing test leaks neither.
+
+#[path = "it/bad_input.rs"]
+mod bad_input;
+#[path = "it/install.rs"]
+mod install;
+#[path = "it/slots.rs"]
+mod slots;
+#[path = "it/util.rs"]
+mod util;
