@@ -316,15 +316,17 @@ fn write_payload(
         }
     };
     let secs = start.elapsed().as_secs_f64();
+    let what = match payload.kind {
+        PayloadKind::Raw => format!("{} bytes", stats.bytes),
+        PayloadKind::Tar => format!("{} files ({} bytes of file data)", stats.files, stats.bytes),
+    };
     Ok(Done::changed(
         mount,
         format!(
-            "{} payload ({}) written to {}: {} bytes, {} files in {secs:.1} s",
+            "{} payload ({}) written to {}: {what} in {secs:.1} s",
             payload.kind,
             payload.compression,
             dev.display(),
-            stats.bytes,
-            stats.files
         ),
     ))
 }
