@@ -12,6 +12,8 @@
 use super::manifest::{Compression, Manifest, Payload, PayloadKind, MANIFEST_FORMAT, ROOTFS};
 use super::reader::SignatureInfo;
 use super::{CONTAINER_VERSION, MAGIC, TRAILER};
+use crate::write::pax::TarReader;
+use crate::write::tar::{plan, Action};
 use anyhow::{bail, ensure, Context, Result};
 use ed25519_dalek::SigningKey;
 use sha2::{Digest, Sha256};
@@ -401,34 +403,27 @@ fn open_maybe_compressed(file: File) -> Result<Box<dyn Read>> {
 
 /// Copies a tar stream from `source` to `out` unchanged, hashing it and
 /// parsing its headers on the way to estimate the installed size.
+///
+/// Entries are read and checked exactly as the installer reads them
+/// ([`TarReader`], [`plan`]), so an archive the installer would refuse (PAX
+/// sparse files, absolute paths, `..`, unsupported entry types) is refused
+/// here, before a bundle exists.
 fn tee_tar<R: Read, W: Write>(source: R, out: &mut W) -> Result<(Summary, u64)> {
-    let mut archive = tar::Archive::new(Tee::new(source, out));
+    // Everything the BufReader holds has already passed through the Tee.
+    let mut reader = TarReader::new(BufReader::with_capacity(IO_BUFFER, Tee::new(source, out)));
     let mut installed = 0u64;
     let mut entries = 0u64;
-    let mut buf = vec![0u8; 256 * 1024];
-    for entry in archive.entries().context("reading the tar stream")? {
-        let mut entry = entry.context("reading the tar stream")?;
-        let kind = entry.header().entry_type();
-        installed += if kind.is_file() || kind.is_contiguous() || kind.is_gnu_sparse() {
-            entry.size().div_ceil(BLOCK) * BLOCK
-        } else if kind.is_pax_global_extensions() {
-            0
-        } else {
-            BLOCK
+    while let Some(member) = reader.next_member()? {
+        let (_, action) = plan(&member)?;
+        installed += match action {
+            Action::File => member.file_size.div_ceil(BLOCK) * BLOCK,
+            _ => BLOCK,
         };
         entries += 1;
-        loop {
-            match entry.read(&mut buf) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e).context("reading the tar stream"),
-            }
-        }
     }
     ensure!(entries > 0, "the tar stream has no entries");
     // The end-of-archive blocks and record padding are part of the payload.
-    let mut tee = archive.into_inner();
+    let mut tee = reader.into_inner().into_inner();
     drain(&mut tee).context("reading the tar stream")?;
     Ok((tee.summary(), installed))
 }
@@ -813,5 +808,56 @@ mod tests {
             })
             .count();
         assert_eq!(leftovers, 0);
+    }
+
+    /// `bundle create` reads tarballs exactly as the installer does: PAX
+    /// sparse files are refused naming the entry, multi-line PAX values
+    /// (ACL text, xattrs with newlines) are fine.
+    #[test]
+    fn tarballs_are_checked_as_the_installer_reads_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("root");
+        rootfs(&src);
+        xattr::set(src.join("etc/hostname"), "user.note", b"one\ntwo").unwrap();
+        // u::rw-,u:1234:r--,g::r--,m::r--,o::r--
+        let acl: [u8; 44] = [
+            2, 0, 0, 0, 1, 0, 6, 0, 255, 255, 255, 255, 2, 0, 4, 0, 0xd2, 4, 0, 0, 4, 0, 4, 0, 255,
+            255, 255, 255, 0x10, 0, 4, 0, 255, 255, 255, 255, 0x20, 0, 4, 0, 255, 255, 255, 255,
+        ];
+        xattr::set(src.join("etc/empty"), "system.posix_acl_access", &acl).unwrap();
+        let tarball = |name: &str, args: &[&str]| {
+            let path = tmp.path().join(name);
+            let status = Command::new("tar")
+                .arg("--create")
+                .args(args)
+                .arg("-f")
+                .arg(&path)
+                .arg("-C")
+                .arg(&src)
+                .arg(".")
+                .status()
+                .unwrap();
+            assert!(status.success());
+            path
+        };
+        let out = tmp.path().join("t.abup");
+        let v = semver::Version::new(1, 0, 0);
+
+        let acls = tarball("acls.tar", &["--acls", "--xattrs", "--xattrs-include=*"]);
+        let opts = CreateOptions::new(Source::Tarball(acls), v.clone(), "x");
+        create(&opts, &out).unwrap();
+
+        let f = File::create(src.join("sparse")).unwrap();
+        f.set_len(1 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_at(&f, b"data", 600_000).unwrap();
+        drop(f);
+        let sparse = tarball("sparse.tar", &["--format=posix", "--sparse"]);
+        let opts = CreateOptions::new(Source::Tarball(sparse), v, "x");
+        let err = format!("{:#}", create(&opts, &out.with_extension("2")).unwrap_err());
+        assert!(
+            err.contains("refusing tar entry ./sparse: PAX sparse files are not supported"),
+            "{err}"
+        );
+        assert!(!out.with_extension("2").exists());
     }
 }

@@ -2,13 +2,17 @@
 //!
 //! A bundle payload is read exactly once, as a stream (decompressor → hash →
 //! writer), so the writers here never seek back in their input and never
-//! hold a whole image in memory. There are two:
+//! hold a whole image in memory. There are two writers, and the tar reader
+//! they and `bundle create` share:
 //!
 //! - [`raw`]: a filesystem image copied byte for byte onto the slot's block
 //!   device, refusing payloads larger than the slot.
 //! - [`tar`]: a root filesystem as a tar stream, extracted onto a freshly
 //!   formatted ext4 with owners, modes, mtimes, xattrs, hard links, symlinks
 //!   and device nodes preserved.
+//! - [`pax`]: reads a tar stream block by block, applying PAX records (parsed
+//!   by length, so values may hold newlines), GNU long names and GNU sparse
+//!   maps; the tar crate only decodes header fields.
 //!
 //! Limits, stated honestly: writes are expected to be sequential (from offset
 //! 0 for raw images, in archive order for tar); nothing is verified here
@@ -16,6 +20,7 @@
 //! hashing is the caller's job; and data is made durable once, at the end
 //! (`fsync` of the device, `syncfs` of the new root), not per chunk or file.
 
+pub mod pax;
 pub mod raw;
 pub mod tar;
 

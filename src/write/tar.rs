@@ -1,40 +1,56 @@
 //! Tar writer: a root filesystem as a tar stream, extracted onto a freshly
 //! formatted ext4 slot.
 //!
-//! The `tar` crate does the careful part for regular files, hard links and
-//! symlinks (`unpack_in` refuses paths that leave the root, also through
-//! symlinks). It does not create device nodes or FIFOs, sets no mtimes or
-//! xattrs on directories and applies directory metadata immediately, so this
-//! module walks the entries itself:
+//! The stream is read with [`super::pax::TarReader`], which applies PAX,
+//! GNU long-name and old GNU sparse headers itself (the `tar` crate's PAX
+//! parser splits records at newlines and loses multi-line ACL text and
+//! binary xattr values). Every entry is then checked by [`plan`] and made
+//! here, confined to the root:
 //!
-//! - directories are created at once, but their owner, mode, xattrs and mtime
-//!   are applied after the last entry (creating children changes a
-//!   directory's mtime); the entry `./` does this for the root itself;
-//! - character and block devices and FIFOs are made with `mknod`;
-//! - everything else goes through `Entry::unpack_in` with owners, modes,
-//!   mtimes and `SCHILY.xattr.*` records (GNU tar `--xattrs`) preserved.
+//! - paths are relative; absolute paths and `..` are refused, naming the
+//!   entry; parent directories that are missing are created (0755), and a
+//!   symlink on the way is followed only if it stays inside the root;
+//! - an existing non-directory in the way is removed first, so nothing is
+//!   ever written through a symlink or an earlier hard link;
+//! - regular files get their data (holes kept for old GNU sparse files),
+//!   then owner, mode (after the owner: chown clears setuid), xattrs (after
+//!   the owner: chown clears `security.capability`) and mtime;
+//! - hard links must point at a path inside the root; symlinks get owner,
+//!   xattrs and mtime without following them; device nodes and FIFOs are
+//!   made with `mknod`;
+//! - directories are created at once, but their owner, mode, xattrs (default
+//!   ACLs included) and mtime are applied after the last entry (creating
+//!   children changes a directory's mtime, and an early default ACL would be
+//!   inherited by children that have their own); the entry `./` does this
+//!   for the root itself.
 //!
-//! Limits: entries are handled in archive order, in one pass; absolute paths,
-//! `..`, PAX-format sparse files (`GNU.sparse.*`, written by GNU tar
-//! `--format=posix --sparse`) and entry types without a filesystem meaning are
-//! refused, naming the entry. Old GNU sparse entries are supported. Mtimes
-//! are whole seconds (the ustar field; PAX sub-second times are ignored).
-//! Data is made durable by one `syncfs` at the end.
+//! xattrs come from `SCHILY.xattr.*` records (GNU tar `--xattrs`); POSIX
+//! ACLs from `SCHILY.xattr.system.posix_acl_*` when present, else from the
+//! `SCHILY.acl.*` text (GNU tar `--acls`), whose user and group names are
+//! resolved on this system as GNU tar would.
+//!
+//! Limits: entries are handled in archive order, in one pass; PAX sparse
+//! files (`GNU.sparse.*`, written by GNU tar `--format=posix --sparse`) and
+//! entry types without a filesystem meaning are refused, naming the entry.
+//! Old GNU sparse entries are supported. Mtimes are whole seconds. Data is
+//! made durable by one `syncfs` at the end.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use nix::fcntl::AtFlags;
 use nix::sys::stat::{
     fchmodat, makedev, mknod, utimensat, FchmodatFlags, Mode, SFlag, UtimensatFlags,
 };
 use nix::sys::time::TimeSpec;
-use nix::unistd::{fchownat, Gid, Uid};
+use nix::unistd::{fchownat, Gid, Group, Uid, User};
 use std::ffi::OsString;
-use std::fs;
-use std::io::{BufReader, ErrorKind, Read};
+use std::fs::{self, File};
+use std::io::{BufReader, ErrorKind, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
+use super::pax::{encode_acl, Member, TarReader};
 use super::WriteStats;
 use crate::mount::{sync_fs, Access, TempMount};
 use crate::util::run;
@@ -81,31 +97,17 @@ pub fn write_tar(
 
 /// Extracts the tar stream `reader` into the directory `root`, preserving
 /// numeric owners, modes (with setuid, setgid and sticky bits), mtimes,
-/// xattrs, hard links, symlinks, device nodes and FIFOs; then syncs the
-/// filesystem once.
+/// xattrs and ACLs, hard links, symlinks, device nodes and FIFOs; then syncs
+/// the filesystem once.
 pub fn extract_tar(reader: &mut dyn Read, root: &Path) -> Result<WriteStats> {
     let root = root
         .canonicalize()
         .with_context(|| format!("resolving {}", root.display()))?;
-    let mut archive = ::tar::Archive::new(BufReader::with_capacity(READ_BUFFER, reader));
-    // Set once here; every entry inherits these (ownership can only be set on
-    // the archive).
-    archive.set_preserve_permissions(true);
-    archive.set_preserve_ownerships(true);
-    archive.set_preserve_mtime(true);
-    archive.set_unpack_xattrs(true);
-    archive.set_mask(0);
-    archive.set_overwrite(true);
-
+    let mut tar = TarReader::new(BufReader::with_capacity(READ_BUFFER, reader));
     let mut stats = WriteStats::default();
     let mut dirs = Vec::new();
-    let mut last = String::from("(start of archive)");
-    let entries = archive.entries().context("reading the tar stream")?;
-    for entry in entries {
-        let mut entry =
-            entry.with_context(|| format!("reading the tar stream after entry {last}"))?;
-        last = entry_name(&entry);
-        extract_entry(&mut entry, &root, &mut dirs, &mut stats)?;
+    while let Some(member) = tar.next_member()? {
+        extract_member(&mut tar, member, &root, &mut dirs, &mut stats)?;
     }
     // Archive order: metadata changes on a child never touch its parent's
     // mtime, and as root, restrictive parent modes do not get in the way.
@@ -116,8 +118,91 @@ pub fn extract_tar(reader: &mut dyn Read, root: &Path) -> Result<WriteStats> {
     Ok(stats)
 }
 
-/// Owner, mode, mtime and xattrs of an entry, applied by this module rather
-/// than by the tar crate.
+/// What extracting an entry makes, decided from the archive alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Metadata for the root directory itself (the entry `./`).
+    Root,
+    /// A directory.
+    Dir,
+    /// A regular file (contiguous and old GNU sparse files included).
+    File,
+    /// A hard link to this path, relative to the root.
+    HardLink(PathBuf),
+    /// A symbolic link.
+    Symlink,
+    /// A device node or FIFO: its type and device number.
+    Node(SFlag, u64),
+}
+
+/// Checks `member` against everything extraction refuses without looking at
+/// the filesystem; returns its path relative to the root and what to make.
+/// `bundle create` runs every entry through this too, so it never builds a
+/// bundle that cannot install.
+pub fn plan(member: &Member) -> Result<(PathBuf, Action)> {
+    let name = &member.name;
+    let rel = relative(&member.path, name)?;
+    let kind = member.kind;
+    // Old archives mark directories with a trailing slash on a file entry.
+    let slash = member.path.as_os_str().as_bytes().ends_with(b"/");
+    if kind.is_dir() || (kind.is_file() && slash) {
+        let action = if rel.as_os_str().is_empty() {
+            Action::Root
+        } else {
+            Action::Dir
+        };
+        return Ok((rel, action));
+    }
+    if rel.as_os_str().is_empty() {
+        bail!("refusing tar entry {name}: it names the root but is not a directory");
+    }
+    let node = if kind.is_character_special() {
+        Some(SFlag::S_IFCHR)
+    } else if kind.is_block_special() {
+        Some(SFlag::S_IFBLK)
+    } else if kind.is_fifo() {
+        Some(SFlag::S_IFIFO)
+    } else {
+        None
+    };
+    let action = if let Some(node) = node {
+        let rdev = match (node, member.device) {
+            (SFlag::S_IFIFO, _) => 0,
+            (_, Some((major, minor))) => makedev(major.into(), minor.into()),
+            (_, None) => bail!("refusing tar entry {name}: it has no valid device number"),
+        };
+        Action::Node(node, rdev)
+    } else if kind.is_file() || kind.is_contiguous() || kind.is_gnu_sparse() {
+        Action::File
+    } else if kind.is_hard_link() {
+        let target = link_target(member)?;
+        let target = relative(target, name)?;
+        ensure!(
+            !target.as_os_str().is_empty(),
+            "refusing tar entry {name}: it is a hard link to the root"
+        );
+        Action::HardLink(target)
+    } else if kind.is_symlink() {
+        link_target(member)?;
+        Action::Symlink
+    } else {
+        bail!(
+            "refusing tar entry {name}: unsupported entry type {:?} ({:?})",
+            kind,
+            char::from(kind.as_byte())
+        );
+    };
+    Ok((rel, action))
+}
+
+fn link_target(member: &Member) -> Result<&Path> {
+    match &member.link {
+        Some(link) if !link.as_os_str().is_empty() => Ok(link),
+        _ => bail!("refusing tar entry {}: link without a target", member.name),
+    }
+}
+
+/// Owner, mode, mtime and xattrs of an entry.
 struct Meta {
     /// Entry name, for errors.
     name: String,
@@ -130,110 +215,77 @@ struct Meta {
     xattrs: Vec<(OsString, Vec<u8>)>,
 }
 
-fn entry_name<R: Read>(entry: &::tar::Entry<'_, R>) -> String {
-    String::from_utf8_lossy(&entry.path_bytes()).into_owned()
-}
-
-fn extract_entry<R: Read>(
-    entry: &mut ::tar::Entry<'_, R>,
+fn extract_member<R: Read>(
+    tar: &mut TarReader<R>,
+    mut member: Member,
     root: &Path,
     dirs: &mut Vec<Meta>,
     stats: &mut WriteStats,
 ) -> Result<()> {
-    let kind = entry.header().entry_type();
-    if kind.is_pax_global_extensions() {
-        // Archive-wide defaults or comments (e.g. from `git archive`); the
-        // records abup honours are all per entry.
-        return Ok(());
-    }
-    let name = entry_name(entry);
-    let xattrs = pax_xattrs(entry, &name)?;
-    let rel = relative(
-        &entry
-            .path()
-            .with_context(|| format!("reading the path of tar entry {name}"))?,
-        &name,
-    )?;
-
-    if kind.is_dir() {
-        let meta = |path| header_meta(entry, &name, path, xattrs);
-        if rel.as_os_str().is_empty() {
-            dirs.push(meta(root.to_path_buf())?);
+    let (rel, action) = plan(&member)?;
+    let name = member.name.clone();
+    let mut meta = Meta {
+        name: name.clone(),
+        path: PathBuf::new(),
+        mode: member.mode,
+        uid: member.uid,
+        gid: member.gid,
+        mtime: member.mtime,
+        xattrs: member_xattrs(&mut member)?,
+    };
+    let extracting = || format!("extracting tar entry {name}");
+    match action {
+        Action::Root => {
+            meta.path = root.to_path_buf();
+            dirs.push(meta);
             return Ok(());
         }
-        let path =
-            create_dir(root, &rel).with_context(|| format!("extracting tar entry {name}"))?;
-        dirs.push(meta(path)?);
-        stats.files += 1;
-        return Ok(());
-    }
-    if rel.as_os_str().is_empty() {
-        bail!("refusing tar entry {name}: it names the root but is not a directory");
-    }
-
-    let node = if kind.is_character_special() {
-        Some(SFlag::S_IFCHR)
-    } else if kind.is_block_special() {
-        Some(SFlag::S_IFBLK)
-    } else if kind.is_fifo() {
-        Some(SFlag::S_IFIFO)
-    } else {
-        None
-    };
-    if let Some(node) = node {
-        let rdev = if node == SFlag::S_IFIFO {
-            0
-        } else {
-            let header = entry.header();
-            let major = header.device_major();
-            let minor = header.device_minor();
-            match (major, minor) {
-                (Ok(Some(major)), Ok(Some(minor))) => makedev(major.into(), minor.into()),
-                _ => bail!("refusing tar entry {name}: it has no valid device number"),
-            }
-        };
-        let placeholder = PathBuf::new();
-        let meta = header_meta(entry, &name, placeholder, xattrs)?;
-        make_node(root, &rel, node, rdev, meta)
-            .with_context(|| format!("extracting tar entry {name}"))?;
-        stats.files += 1;
-        return Ok(());
-    }
-
-    let is_data = kind.is_file() || kind.is_contiguous() || kind.is_gnu_sparse();
-    if !(is_data || kind.is_hard_link() || kind.is_symlink()) {
-        bail!(
-            "refusing tar entry {name}: unsupported entry type {:?} ({:?})",
-            kind,
-            char::from(kind.as_byte())
-        );
-    }
-    if kind.is_hard_link() {
-        let target = entry
-            .link_name()
-            .with_context(|| format!("reading the link target of tar entry {name}"))?
-            .with_context(|| format!("refusing tar entry {name}: hard link without a target"))?;
-        relative(&target, &name)?;
-    }
-    let unpacked = entry
-        .unpack_in(root)
-        .with_context(|| format!("extracting tar entry {name}"))?;
-    if !unpacked {
-        bail!("refusing tar entry {name}: it escapes the root");
-    }
-    if kind.is_symlink() {
-        // The tar crate sets xattrs on regular files only; symlinks can carry
-        // security.* ones (SELinux labels).
-        let path = root.join(&rel);
-        for (key, value) in &xattrs {
-            set_xattr(&path, key, value).with_context(|| format!("extracting tar entry {name}"))?;
+        Action::Dir => {
+            meta.path = create_dir(root, &rel).with_context(extracting)?;
+            dirs.push(meta);
         }
-    }
-    if is_data {
-        stats.bytes += entry.size();
+        Action::File => {
+            meta.path = target(root, &rel).with_context(extracting)?;
+            write_file(tar, &member, &meta).with_context(extracting)?;
+            stats.bytes += member.file_size;
+        }
+        Action::HardLink(to) => hard_link(root, &rel, &to).with_context(extracting)?,
+        Action::Symlink => {
+            meta.path = target(root, &rel).with_context(extracting)?;
+            let link = link_target(&member)?;
+            make_symlink(link, &meta).with_context(extracting)?;
+        }
+        Action::Node(kind, rdev) => {
+            meta.path = target(root, &rel).with_context(extracting)?;
+            make_node(kind, rdev, &meta).with_context(extracting)?;
+        }
     }
     stats.files += 1;
     Ok(())
+}
+
+/// The xattrs to set for `member`: its `SCHILY.xattr.*` records plus ACLs
+/// stored only as text, converted to the kernel's xattr format.
+fn member_xattrs(member: &mut Member) -> Result<Vec<(OsString, Vec<u8>)>> {
+    let mut xattrs = std::mem::take(&mut member.xattrs);
+    for (attr, entries) in &member.acls {
+        let value = encode_acl(entries, host_id)
+            .with_context(|| format!("refusing tar entry {}", member.name))?;
+        xattrs.push((OsString::from(attr), value));
+    }
+    Ok(xattrs)
+}
+
+/// A user (or group) id by name from this system's user database.
+fn host_id(user: bool, name: &str) -> Option<u32> {
+    if user {
+        User::from_name(name).ok().flatten().map(|u| u.uid.as_raw())
+    } else {
+        Group::from_name(name)
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw())
+    }
 }
 
 /// Turns an entry path into one relative to the root, refusing absolute
@@ -253,71 +305,10 @@ fn relative(path: &Path, name: &str) -> Result<PathBuf> {
     Ok(rel)
 }
 
-/// The `SCHILY.xattr.*` records of an entry; refuses PAX sparse files, which
-/// the tar crate would extract as their raw sparse map plus data.
-fn pax_xattrs<R: Read>(
-    entry: &mut ::tar::Entry<'_, R>,
-    name: &str,
-) -> Result<Vec<(OsString, Vec<u8>)>> {
-    let mut xattrs = Vec::new();
-    let Some(exts) = entry
-        .pax_extensions()
-        .with_context(|| format!("reading PAX records of tar entry {name}"))?
-    else {
-        return Ok(xattrs);
-    };
-    let mut sparse_name = None;
-    let mut sparse = false;
-    for ext in exts {
-        let ext = ext.with_context(|| format!("reading PAX records of tar entry {name}"))?;
-        let key = ext.key_bytes();
-        if key.starts_with(b"GNU.sparse.") {
-            sparse = true;
-            if key == b"GNU.sparse.name" {
-                sparse_name = Some(String::from_utf8_lossy(ext.value_bytes()).into_owned());
-            }
-        } else if let Some(attr) = key.strip_prefix(b"SCHILY.xattr.") {
-            xattrs.push((
-                std::ffi::OsStr::from_bytes(attr).to_owned(),
-                ext.value_bytes().to_vec(),
-            ));
-        }
-    }
-    if sparse {
-        bail!(
-            "refusing tar entry {}: PAX sparse files are not supported; \
-             create the archive without --sparse or with --format=gnu",
-            sparse_name.as_deref().unwrap_or(name)
-        );
-    }
-    Ok(xattrs)
-}
-
-fn header_meta<R: Read>(
-    entry: &::tar::Entry<'_, R>,
-    name: &str,
-    path: PathBuf,
-    xattrs: Vec<(OsString, Vec<u8>)>,
-) -> Result<Meta> {
-    let header = entry.header();
-    let bad = |what: &str| format!("refusing tar entry {name}: invalid {what} in header");
-    let id = |v: u64, what: &str| u32::try_from(v).with_context(|| bad(what));
-    Ok(Meta {
-        name: name.to_string(),
-        path,
-        mode: header.mode().with_context(|| bad("mode"))? & 0o7777,
-        uid: id(header.uid().with_context(|| bad("uid"))?, "uid")?,
-        gid: id(header.gid().with_context(|| bad("gid"))?, "gid")?,
-        mtime: i64::try_from(header.mtime().with_context(|| bad("mtime"))?)
-            .with_context(|| bad("mtime"))?,
-        xattrs,
-    })
-}
-
-/// Makes sure the parent directories of `rel` exist inside `root`, creating
-/// missing ones, and returns the parent. A symlink on the way is followed
-/// only if it resolves to a directory inside `root`.
-fn prepare_parent(root: &Path, rel: &Path) -> Result<PathBuf> {
+/// Resolves the parent directories of `rel` inside `root` and returns the
+/// parent; missing ones are created (0755) when `create` is set. A symlink
+/// on the way is followed only if it resolves to a directory inside `root`.
+fn resolve_parent(root: &Path, rel: &Path, create: bool) -> Result<PathBuf> {
     let mut dir = root.to_path_buf();
     let Some(parent) = rel.parent() else {
         return Ok(dir);
@@ -339,9 +330,10 @@ fn prepare_parent(root: &Path, rel: &Path) -> Result<PathBuf> {
                 dir = real;
             }
             Ok(_) => bail!("{} is not a directory", dir.display()),
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?
-            }
+            Err(e) if e.kind() == ErrorKind::NotFound && create => fs::DirBuilder::new()
+                .mode(0o755)
+                .create(&dir)
+                .with_context(|| format!("creating {}", dir.display()))?,
             Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
         }
     }
@@ -353,7 +345,17 @@ fn target(root: &Path, rel: &Path) -> Result<PathBuf> {
     let file = rel
         .file_name()
         .with_context(|| format!("{} has no file name", rel.display()))?;
-    Ok(prepare_parent(root, rel)?.join(file))
+    Ok(resolve_parent(root, rel, true)?.join(file))
+}
+
+/// Removes a non-directory at `path`, so a new object can take its place.
+fn clear(path: &Path) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => bail!("{} exists and is a directory", path.display()),
+        Ok(_) => fs::remove_file(path).with_context(|| format!("removing {}", path.display())),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
 }
 
 /// Creates the directory `rel` (an existing one is kept); its metadata is
@@ -363,25 +365,95 @@ fn create_dir(root: &Path, rel: &Path) -> Result<PathBuf> {
     match fs::symlink_metadata(&path) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => bail!("{} exists and is not a directory", path.display()),
-        Err(e) if e.kind() == ErrorKind::NotFound => {
-            fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?
-        }
+        Err(e) if e.kind() == ErrorKind::NotFound => fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&path)
+            .with_context(|| format!("creating {}", path.display()))?,
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     }
     Ok(path)
 }
 
+/// Creates the regular file `meta.path` from the member's data (sparse
+/// regions written at their offsets, holes left as holes) and applies its
+/// metadata.
+fn write_file<R: Read>(tar: &mut TarReader<R>, member: &Member, meta: &Meta) -> Result<()> {
+    let path = &meta.path;
+    clear(path)?;
+    // create_new: never follows a symlink or reuses an inode.
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    match &member.sparse {
+        None => copy_data(tar, &mut file, member.size, path)?,
+        Some(regions) => {
+            for region in regions {
+                file.seek(SeekFrom::Start(region.offset))
+                    .with_context(|| format!("seeking in {}", path.display()))?;
+                copy_data(tar, &mut file, region.len, path)?;
+            }
+            file.set_len(member.file_size)
+                .with_context(|| format!("setting the size of {}", path.display()))?;
+        }
+    }
+    drop(file);
+    apply_meta(meta, true)
+}
+
+/// Copies `len` bytes of the current entry's data into `file`.
+fn copy_data<R: Read>(
+    tar: &mut TarReader<R>,
+    file: &mut File,
+    mut len: u64,
+    path: &Path,
+) -> Result<()> {
+    while len > 0 {
+        let chunk = tar.data(len)?;
+        ensure!(
+            !chunk.is_empty(),
+            "the entry holds less data than its sparse map lists"
+        );
+        file.write_all(chunk)
+            .with_context(|| format!("writing {}", path.display()))?;
+        len -= chunk.len() as u64;
+    }
+    Ok(())
+}
+
+/// Hard-links `rel` to `to`, both relative to `root`. The link target's
+/// directories must already resolve inside the root; link(2) does not
+/// follow a symlink at its last component.
+fn hard_link(root: &Path, rel: &Path, to: &Path) -> Result<()> {
+    let source_name = to
+        .file_name()
+        .with_context(|| format!("{} has no file name", to.display()))?;
+    let source = resolve_parent(root, to, false)?.join(source_name);
+    let path = target(root, rel)?;
+    if path == source {
+        return Ok(());
+    }
+    clear(&path)?;
+    fs::hard_link(&source, &path)
+        .with_context(|| format!("linking {} to {}", path.display(), source.display()))
+}
+
+/// Creates the symlink `meta.path` pointing at `link` and applies its
+/// owner, xattrs and mtime to the link itself.
+fn make_symlink(link: &Path, meta: &Meta) -> Result<()> {
+    clear(&meta.path)?;
+    std::os::unix::fs::symlink(link, &meta.path)
+        .with_context(|| format!("creating symlink {}", meta.path.display()))?;
+    apply_meta(meta, false)
+}
+
 /// Creates a device node or FIFO, replacing a non-directory in its way, and
 /// applies its metadata.
-fn make_node(root: &Path, rel: &Path, kind: SFlag, rdev: u64, mut meta: Meta) -> Result<()> {
-    meta.path = target(root, rel)?;
+fn make_node(kind: SFlag, rdev: u64, meta: &Meta) -> Result<()> {
     let path = &meta.path;
-    match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => bail!("{} exists and is a directory", path.display()),
-        Ok(_) => fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?,
-        Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    }
+    clear(path)?;
     // The umask may strip bits here; apply_meta sets the exact mode.
     mknod(
         path,
@@ -390,7 +462,7 @@ fn make_node(root: &Path, rel: &Path, kind: SFlag, rdev: u64, mut meta: Meta) ->
         rdev,
     )
     .with_context(|| format!("creating device node {}", path.display()))?;
-    apply_meta(&meta)
+    apply_meta(meta, true)
 }
 
 /// Applies deferred directory metadata, if the directory is still one.
@@ -400,13 +472,13 @@ fn finish_dir(meta: &Meta) -> Result<()> {
     if !m.is_dir() {
         bail!("{} is no longer a directory", meta.path.display());
     }
-    apply_meta(meta)
+    apply_meta(meta, true)
 }
 
-/// Sets owner, then mode (chown clears setuid/setgid), then xattrs (chown
-/// also clears security.capability), then mtime, without following a
-/// symlink at `meta.path`.
-fn apply_meta(meta: &Meta) -> Result<()> {
+/// Sets owner, then mode (chown clears setuid/setgid; skipped for symlinks,
+/// which have none), then xattrs (chown also clears security.capability),
+/// then mtime, without following a symlink at `meta.path`.
+fn apply_meta(meta: &Meta, chmod: bool) -> Result<()> {
     let path = &meta.path;
     fchownat(
         None,
@@ -423,14 +495,16 @@ fn apply_meta(meta: &Meta) -> Result<()> {
             meta.gid
         )
     })?;
-    // Never a symlink here: directories, device nodes and FIFOs only.
-    fchmodat(
-        None,
-        path,
-        Mode::from_bits_truncate(meta.mode),
-        FchmodatFlags::FollowSymlink,
-    )
-    .with_context(|| format!("setting mode of {} to {:04o}", path.display(), meta.mode))?;
+    if chmod {
+        // Never a symlink here: this module just created the object.
+        fchmodat(
+            None,
+            path,
+            Mode::from_bits_truncate(meta.mode),
+            FchmodatFlags::FollowSymlink,
+        )
+        .with_context(|| format!("setting mode of {} to {:04o}", path.display(), meta.mode))?;
+    }
     for (key, value) in &meta.xattrs {
         set_xattr(path, key, value)?;
     }
@@ -824,16 +898,7 @@ mod tests {
         fs::create_dir(&src).unwrap();
         sparse_source(&src);
         let archive = work.path().join("sparse.tar");
-        run(
-            "creating test archive",
-            Command::new("tar")
-                .args(["--create", "--format=posix", "--sparse", "-C"])
-                .arg(&src)
-                .arg("-f")
-                .arg(&archive)
-                .arg("./sparse"),
-        )
-        .unwrap();
+        tar_with(&src, &archive, &["--format=posix", "--sparse"]);
         let root = work.path().join("root");
         fs::create_dir(&root).unwrap();
         let tar = fs::read(&archive).unwrap();
@@ -851,16 +916,7 @@ mod tests {
         fs::create_dir(&src).unwrap();
         sparse_source(&src);
         let archive = work.path().join("sparse.tar");
-        run(
-            "creating test archive",
-            Command::new("tar")
-                .args(["--create", "--format=gnu", "--sparse", "-C"])
-                .arg(&src)
-                .arg("-f")
-                .arg(&archive)
-                .arg("./sparse"),
-        )
-        .unwrap();
+        tar_with(&src, &archive, &["--format=gnu", "--sparse"]);
         let root = work.path().join("root");
         fs::create_dir(&root).unwrap();
         let stats = extract_tar(&mut File::open(&archive).unwrap(), &root).unwrap();
@@ -898,5 +954,260 @@ mod tests {
             )),
             "{msg}"
         );
+    }
+
+    /// Runs GNU tar `--create` on `src` (all of it) into `out` with `args`.
+    fn tar_with(src: &Path, out: &Path, args: &[&str]) {
+        run(
+            "creating test archive",
+            Command::new("tar")
+                .arg("--create")
+                .args(args)
+                .arg("-C")
+                .arg(src)
+                .arg("-f")
+                .arg(out)
+                .arg("."),
+        )
+        .unwrap();
+    }
+
+    /// Writes `archive` onto a fresh 64 MiB ext4 on a loop device; unmount
+    /// the returned mount before dropping the loop device.
+    fn install(work: &Path, archive: &Path) -> (TempMount, LoopDevice, WriteStats) {
+        let img = work.join("slot.img");
+        File::create(&img).unwrap().set_len(64 << 20).unwrap();
+        let lo = LoopDevice::attach(&img, None, None, None).unwrap();
+        let mut reader = File::open(archive).unwrap();
+        let (mount, stats) = write_tar(&mut reader, lo.path(), "rootfs-t").unwrap();
+        (mount, lo, stats)
+    }
+
+    fn acl(text: &str) -> Vec<u8> {
+        let entries = super::super::pax::parse_acl_text(text.as_bytes()).unwrap();
+        encode_acl(&entries, |_, _| None).unwrap()
+    }
+
+    /// GNU tar stores ACLs as multi-line `SCHILY.acl.*` text (`--acls`) and,
+    /// with `--xattrs-include='*'`, also as binary `system.posix_acl_*`
+    /// xattrs; both forms, alone or together, must arrive intact.
+    #[test]
+    fn acls_survive_in_every_gnu_tar_form() {
+        let work = tempfile::tempdir().unwrap();
+        let src = work.path().join("src");
+        fs::create_dir_all(src.join("shared/old")).unwrap();
+        fs::write(src.join("shared/old/child"), b"no acl\n").unwrap();
+        let file = src.join("file");
+        fs::write(&file, b"acl\n").unwrap();
+        chmod(&file, 0o640);
+        // uid/gid 0 have names, so the text form says "user:root:r--".
+        let access = acl("u::rw-,u:1234:r--,u:0:r--,g::r--,g:0:r-x,m::r-x,o::r--");
+        xattr::set(&file, "system.posix_acl_access", &access).unwrap();
+        let shared = src.join("shared");
+        xattr::set(
+            &shared,
+            "system.posix_acl_access",
+            &acl("u::rwx,u:1234:rwx,g::r-x,m::rwx,o::r-x"),
+        )
+        .unwrap();
+        let default = acl("u::rwx,u:1234:rwx,g::r-x,m::rwx,o::r-x");
+        xattr::set(&shared, "system.posix_acl_default", &default).unwrap();
+
+        for (form, args) in [
+            (
+                "both",
+                &[
+                    "--xattrs",
+                    "--xattrs-include=*",
+                    "--acls",
+                    "--numeric-owner",
+                ][..],
+            ),
+            ("text only", &["--acls", "--numeric-owner"]),
+            ("xattrs only", &["--xattrs", "--xattrs-include=*"]),
+        ] {
+            let archive = work.path().join("acl.tar");
+            tar_with(&src, &archive, args);
+            let (mount, _lo, _) = install(work.path(), &archive);
+            let root = mount.path();
+            for (path, attr) in [
+                ("file", "system.posix_acl_access"),
+                ("shared", "system.posix_acl_access"),
+                ("shared", "system.posix_acl_default"),
+            ] {
+                assert_eq!(
+                    xattr::get(root.join(path), attr).unwrap(),
+                    xattr::get(src.join(path), attr).unwrap(),
+                    "{form}: {attr} of {path}"
+                );
+            }
+            // The mode's group bits are the ACL mask, whatever the order
+            // in which mode and ACL were applied.
+            assert_eq!(
+                lstat(&root.join("file")).mode(),
+                lstat(&file).mode(),
+                "{form}"
+            );
+            // The default ACL is applied after the directory's children
+            // were made, so they inherit nothing.
+            for child in ["shared/old", "shared/old/child"] {
+                assert_eq!(
+                    xattr::get(root.join(child), "system.posix_acl_access").unwrap(),
+                    None,
+                    "{form}: {child}"
+                );
+            }
+            mount.unmount().unwrap();
+        }
+    }
+
+    /// PAX records are length-prefixed: values holding newlines (or text
+    /// that looks like another record) are data, not structure.
+    #[test]
+    fn xattr_values_with_newlines_survive() {
+        let work = tempfile::tempdir().unwrap();
+        let src = work.path().join("src");
+        fs::create_dir_all(src.join("srv/tagged")).unwrap();
+        let notes = src.join("notes");
+        fs::write(&notes, b"x\n").unwrap();
+        let values: [(&str, &[u8]); 3] = [
+            ("user.note", b"line one\nline two"),
+            ("user.fake", b"\n13 path=evil\n"),
+            ("user.empty", b""),
+        ];
+        for (key, value) in values {
+            xattr::set(&notes, key, value).unwrap();
+        }
+        let bin = [0x0a, 0x00, 0xff, 0x0a];
+        xattr::set(src.join("srv/tagged"), "user.bin", &bin).unwrap();
+        let archive = work.path().join("x.tar");
+        tar_with(
+            &src,
+            &archive,
+            &["--xattrs", "--xattrs-include=*", "--numeric-owner"],
+        );
+
+        let (mount, _lo, stats) = install(work.path(), &archive);
+        let root = mount.path();
+        assert_eq!(stats, WriteStats { bytes: 2, files: 3 });
+        for (key, value) in values {
+            assert_eq!(
+                xattr::get(root.join("notes"), key).unwrap().as_deref(),
+                Some(value),
+                "{key}"
+            );
+        }
+        assert_eq!(
+            xattr::get(root.join("srv/tagged"), "user.bin")
+                .unwrap()
+                .as_deref(),
+            Some(&bin[..])
+        );
+        assert!(!root.join("evil").exists());
+        mount.unmount().unwrap();
+    }
+
+    /// Paths and link targets over the 100 bytes of a ustar field arrive
+    /// through GNU long-name headers (`--format=gnu`) and PAX `path` /
+    /// `linkpath` records (`--format=posix`).
+    #[test]
+    fn long_paths_and_link_targets() {
+        let work = tempfile::tempdir().unwrap();
+        let src = work.path().join("src");
+        let dir = format!("usr/share/{}/{}", "d".repeat(90), "e".repeat(60));
+        let file = format!("{dir}/{}.txt", "f".repeat(120));
+        assert!(file.len() > 255);
+        fs::create_dir_all(src.join(&dir)).unwrap();
+        fs::write(src.join(&file), b"long\n").unwrap();
+        chown(&src.join(&file), 1234, 5678);
+        set_mtime(&src.join(&file), 1_600_000_000);
+        let target = format!("/{file}");
+        symlink(&target, src.join("long-link")).unwrap();
+        fs::hard_link(src.join(&file), src.join(format!("{dir}/hard"))).unwrap();
+
+        for format in ["--format=gnu", "--format=posix"] {
+            let archive = work.path().join("long.tar");
+            tar_with(&src, &archive, &[format, "--numeric-owner"]);
+            let root = work.path().join(format!("root{format}"));
+            fs::create_dir(&root).unwrap();
+            let stats = extract_tar(&mut File::open(&archive).unwrap(), &root).unwrap();
+            assert_eq!(stats.bytes, 5, "{format}");
+            assert_eq!(fs::read(root.join(&file)).unwrap(), b"long\n", "{format}");
+            assert_meta(&root.join(&file), 0o644, 1234, 5678);
+            assert_eq!(lstat(&root.join(&file)).mtime(), 1_600_000_000);
+            assert_eq!(
+                fs::read_link(root.join("long-link")).unwrap(),
+                PathBuf::from(&target),
+                "{format}"
+            );
+            let hard = lstat(&root.join(format!("{dir}/hard")));
+            assert_eq!(hard.ino(), lstat(&root.join(&file)).ino(), "{format}");
+            assert_eq!(hard.nlink(), 2, "{format}");
+        }
+    }
+
+    #[test]
+    fn extracts_gnu_sparse_files_with_extended_maps() {
+        let work = tempfile::tempdir().unwrap();
+        let src = work.path().join("src");
+        fs::create_dir(&src).unwrap();
+        // 30 islands of data: more regions than the header holds, so the
+        // sparse map continues in extension blocks.
+        let f = File::create(src.join("sparse")).unwrap();
+        f.set_len(8 << 20).unwrap();
+        for i in 0..30u64 {
+            let island = format!("island {i}\n").repeat(100);
+            std::os::unix::fs::FileExt::write_at(&f, island.as_bytes(), i * 250_000 + 7).unwrap();
+        }
+        drop(f);
+        let archive = work.path().join("sparse.tar");
+        tar_with(&src, &archive, &["--format=gnu", "--sparse"]);
+        let root = work.path().join("root");
+        fs::create_dir(&root).unwrap();
+        let stats = extract_tar(&mut File::open(&archive).unwrap(), &root).unwrap();
+        assert_eq!(
+            stats,
+            WriteStats {
+                bytes: 8 << 20,
+                files: 1
+            }
+        );
+        assert_eq!(
+            fs::read(root.join("sparse")).unwrap(),
+            fs::read(src.join("sparse")).unwrap()
+        );
+        // Holes stay holes.
+        assert!(lstat(&root.join("sparse")).blocks() * 512 < 2 << 20);
+    }
+
+    #[test]
+    fn never_writes_through_symlinks() {
+        use ::tar::EntryType as T;
+        let outer = tempfile::tempdir().unwrap();
+        let root = outer.path().join("root");
+        fs::create_dir(&root).unwrap();
+        let away = outer.path().join("away");
+        fs::create_dir(&away).unwrap();
+        fs::write(away.join("secret"), b"outside").unwrap();
+
+        // A hard link whose target path leaves the root through a symlink.
+        let tar = raw_tar(&[
+            ("evil", T::Symlink, away.to_str().unwrap(), b""),
+            ("hl", T::Link, "evil/secret", b""),
+        ]);
+        let msg = extract_err(&tar, &root);
+        assert!(msg.starts_with("extracting tar entry hl: "), "{msg}");
+        assert!(msg.ends_with("leads outside the root"), "{msg}");
+        assert!(!root.join("hl").exists());
+
+        // A file entry replaces a symlink instead of writing through it.
+        let tar = raw_tar(&[
+            ("x", T::Symlink, away.join("secret").to_str().unwrap(), b""),
+            ("x", T::Regular, "", b"inside"),
+        ]);
+        extract_tar(&mut &tar[..], &root).unwrap();
+        assert_eq!(fs::read(away.join("secret")).unwrap(), b"outside");
+        assert!(lstat(&root.join("x")).is_file());
+        assert_eq!(fs::read(root.join("x")).unwrap(), b"inside");
     }
 }
