@@ -62,8 +62,11 @@ const READ_BUFFER: usize = 1 << 20;
 const MAX_LABEL: usize = 16;
 
 /// Formats `dev` as a fresh ext4 filesystem labelled `label`. Inode tables
-/// and the journal are initialised lazily, so this takes seconds, not
-/// minutes, on a large slot.
+/// are initialised lazily (the kernel finishes them in the background), so
+/// this takes seconds, not minutes, on a large slot. The journal is zeroed:
+/// a lazily initialised journal risks replaying stale blocks after a crash
+/// for as long as it has not been overwritten once, i.e. under the new root
+/// for its first stretch of life, not just during the install.
 pub fn format_ext4(dev: &Path, label: &str) -> Result<()> {
     if label.len() > MAX_LABEL {
         bail!("ext4 label {label:?} is longer than {MAX_LABEL} bytes");
@@ -72,7 +75,7 @@ pub fn format_ext4(dev: &Path, label: &str) -> Result<()> {
         &format!("formatting slot {}", dev.display()),
         Command::new("mkfs.ext4")
             .args(["-F", "-q", "-L", label])
-            .args(["-E", "lazy_itable_init=1,lazy_journal_init=1"])
+            .args(["-E", "lazy_itable_init=1,lazy_journal_init=0"])
             .arg(dev),
     )?;
     Ok(())
