@@ -65,8 +65,10 @@ pub struct SystemConfig {
     pub trusted_keys: Vec<PathBuf>,
     /// Absolute paths carried from the running system into the new root.
     pub preserve: Vec<PathBuf>,
-    /// Root of the running system that preserved paths are read from.
-    pub preserve_from: PathBuf,
+    /// Root that preserved paths are read from, when set in the config.
+    /// Unset means the running system's `/`, which abup uses only when the
+    /// system was booted from a slot (never a rescue system's own files).
+    pub preserve_from: Option<PathBuf>,
     /// Directory holding abup's records of what each slot holds.
     pub state_dir: PathBuf,
 }
@@ -177,10 +179,11 @@ impl SystemConfig {
                 .map(|p| absolute("keys.trusted", p))
                 .collect::<Result<_>>()?,
             preserve,
-            preserve_from: absolute(
-                "preserve.from",
-                raw.preserve.from.unwrap_or_else(|| PathBuf::from("/")),
-            )?,
+            preserve_from: raw
+                .preserve
+                .from
+                .map(|p| absolute("preserve.from", p))
+                .transpose()?,
             state_dir: absolute(
                 "state_dir",
                 raw.state_dir
@@ -349,7 +352,7 @@ paths = ["/etc/hostname", "/etc/ssh"]
                 }
             }
         );
-        assert_eq!(c.preserve_from, Path::new("/"));
+        assert_eq!(c.preserve_from, None);
         assert_eq!(c.state_dir, Path::new("/data/abup"));
     }
 

@@ -349,12 +349,23 @@ fn preserve_paths(
     mounted: Option<TempMount>,
 ) -> Result<Done<()>> {
     let paths = &sys.cfg.preserve;
-    if paths.is_empty() {
-        if let Some(m) = mounted {
-            m.unmount()?;
+    // A rescue system's own / is not the device's old root: copying its
+    // hostname or host keys would give the device a stranger's identity.
+    let from = match (&sys.cfg.preserve_from, sys.booted) {
+        _ if paths.is_empty() => Err("no paths to preserve"),
+        (Some(from), _) => Ok(from.clone()),
+        (None, Some(_)) => Ok(PathBuf::from("/")),
+        (None, None) => Err("not booted from a slot (rescue system): nothing copied from this system's /; set preserve.from to the old root to carry files over"),
+    };
+    let from = match from {
+        Ok(from) => from,
+        Err(why) => {
+            if let Some(m) = mounted {
+                m.unmount()?;
+            }
+            return Ok(Done::unchanged((), why));
         }
-        return Ok(Done::unchanged((), "no paths to preserve"));
-    }
+    };
     let dev = &sys.slot(target).dev.path;
     let m = match mounted {
         Some(m) => m,
@@ -366,7 +377,7 @@ fn preserve_paths(
             )
         })?,
     };
-    let done = preserve::copy_preserved(paths, &sys.cfg.preserve_from, m.path())?;
+    let done = preserve::copy_preserved(paths, &from, m.path())?;
     m.unmount()?;
     let list = |v: &[PathBuf]| {
         v.iter()
@@ -377,7 +388,7 @@ fn preserve_paths(
     let mut comment = format!(
         "copied {} path(s) from {}",
         done.copied.len(),
-        sys.cfg.preserve_from.display()
+        from.display()
     );
     if !done.copied.is_empty() {
         comment += &format!(": {}", list(&done.copied));

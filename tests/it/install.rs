@@ -294,7 +294,11 @@ fn raw_image_payload_zstd_and_gzip() {
     // the written image.
     let img2 = ext4_image(&env, "2.1.0", "24M");
     let gz = env.bundle(Source::Image(&img2), "2.1.0", "gzip");
-    let cfg = env.config_with(|_| {});
+    let cfg = env.config_with(|o| {
+        o.preserve = ["/etc/hostname", "/etc/ssh", "/etc/machine-id"]
+            .map(String::from)
+            .to_vec()
+    });
     let run = env.abup_with(
         &cfg,
         &["--json", "--booted-slot", "A", "install", s(&gz)],
@@ -405,6 +409,30 @@ fn rescue_system_needs_target_slot() {
     assert_eq!(env.disk.sha256_of_partition("rootA"), before.slot_a);
     let b = env.disk.mount("rootB", false);
     assert!(read(&b.path().join("etc/os-release")).contains("VERSION=1.0.0"));
+}
+
+#[test]
+fn rescue_install_does_not_copy_the_rescue_systems_own_files() {
+    let env = Env::new();
+    let bundle = env.simple_bundle("1.0.0");
+    // preserve.from unset: the running system's / would be the rescue
+    // system's (here the test host's) own root.
+    let config = env.config_with(|o| o.from = None);
+    let run = env.abup_with(
+        &config,
+        &["--json", "install", "--target-slot", "B", s(&bundle)],
+        None,
+    );
+    run.ok();
+    let report = run.json();
+    assert_eq!(step_state(&report, "preserve"), "unchanged");
+    assert!(
+        step_comment(&report, "preserve").contains("rescue system"),
+        "{report:#}"
+    );
+    let b = env.disk.mount("rootB", false);
+    assert_eq!(read(&b.path().join("etc/hostname")), "image-default\n");
+    assert!(!b.path().join("etc/machine-id").exists());
 }
 
 #[test]

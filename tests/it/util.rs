@@ -685,6 +685,8 @@ pub struct ConfigOpts {
     pub preserve: Vec<String>,
     pub trusted: Vec<PathBuf>,
     pub tries: u32,
+    /// `preserve.from`; None leaves the key out (abup's default).
+    pub from: Option<PathBuf>,
 }
 
 /// How to build an [`Env`].
@@ -797,8 +799,16 @@ impl EnvBuilder {
         } else {
             "partlabel = \"rootB\"".to_string()
         };
+        let opts = ConfigOpts {
+            slot_b,
+            preserve: self.preserve,
+            trusted: vec![public.clone()],
+            tries: 3,
+            from: Some(running.clone()),
+        };
         let env = Env {
             disk,
+            opts,
             config: root.join("system.toml"),
             state_dir: root.join("state"),
             envfile,
@@ -810,13 +820,7 @@ impl EnvBuilder {
             root,
             _dir: dir,
         };
-        let opts = ConfigOpts {
-            slot_b,
-            preserve: self.preserve,
-            trusted: vec![public],
-            tries: 3,
-        };
-        env.write_config(&env.config, &opts);
+        env.write_config(&env.config, &env.opts);
         env
     }
 }
@@ -825,6 +829,8 @@ impl EnvBuilder {
 /// Field order matters: the disk (loop devices) goes before the temp dir.
 pub struct Env {
     pub disk: TestDisk,
+    /// The options `config` was written with; `config_with` starts from them.
+    pub opts: ConfigOpts,
     pub root: PathBuf,
     pub config: PathBuf,
     pub state_dir: PathBuf,
@@ -865,18 +871,9 @@ impl Env {
         self.root.join(format!("{stem}-{n}"))
     }
 
-    /// The default config options of this env.
+    /// The config options of this env (what `config` was written with).
     pub fn config_opts(&self) -> ConfigOpts {
-        ConfigOpts {
-            slot_b: "partlabel = \"rootB\"".into(),
-            preserve: vec![
-                "/etc/hostname".into(),
-                "/etc/ssh".into(),
-                "/etc/machine-id".into(),
-            ],
-            trusted: vec![self.public.clone()],
-            tries: 3,
-        }
+        self.opts.clone()
     }
 
     /// Writes a config file in exactly the documented shape.
@@ -905,15 +902,17 @@ tries = {tries}
 trusted = [{trusted}]
 [preserve]
 paths = [{paths}]
-from = {from}
-"#,
+{from}"#,
             state = q(&self.state_dir),
             device = q(&self.disk.device()),
             slot_b = o.slot_b,
             tries = o.tries,
             trusted = list(o.trusted.iter().map(|p| q(p)).collect()),
             paths = list(o.preserve.iter().map(|p| format!("{p:?}")).collect()),
-            from = q(&self.running),
+            from = o
+                .from
+                .as_ref()
+                .map_or(String::new(), |p| format!("from = {}\n", q(p))),
         );
         fs::write(path, text).expect("writing the config");
     }
