@@ -12,7 +12,18 @@ fn main() {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            report::exit_code(&e)
+            let code = report::exit_code(&e);
+            // install's report already said it on stdout; the other verbs
+            // owe a JSON reader an answer too.
+            if cli.json && !matches!(cli.command, Command::Install(_)) {
+                let v = serde_json::json!({
+                    "result": "failed",
+                    "error": format!("{e:#}"),
+                    "exit_code": code,
+                });
+                println!("{v}");
+            }
+            code
         }
     };
     std::process::exit(code);

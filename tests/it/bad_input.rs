@@ -418,6 +418,17 @@ fn usage_errors_exit_2_and_a_missing_config_exits_3() {
         None,
     );
     run.failed(3, &["/nonexistent/abup.toml", "--config"]);
+
+    // With --json, stdout carries the failure too, for a cloud reading it.
+    let run = run_abup(
+        &["--config", "/nonexistent/abup.toml", "--json", "mark-good"].map(String::from),
+        None,
+    );
+    let line = run.failed(3, &["/nonexistent/abup.toml"]);
+    let v = run.json();
+    assert_eq!(v["result"], "failed");
+    assert_eq!(v["exit_code"], 3);
+    assert_eq!(format!("error: {}", v["error"].as_str().unwrap()), line);
 }
 
 #[test]
