@@ -7,7 +7,7 @@
 //! primary — the only flip, and the last write.
 
 use crate::bundle::manifest::{Manifest, Payload, PayloadKind};
-use crate::bundle::reader::{payload_reader, read_header, read_trailer, BundleHeader};
+use crate::bundle::reader::{open_bundle, payload_reader, read_header, read_trailer, BundleHeader};
 use crate::config::SystemConfig;
 use crate::lock::RunLock;
 use crate::mount::{Access, TempMount};
@@ -17,8 +17,7 @@ use crate::state::{self, Content, SlotRecord};
 use crate::system::{self, System};
 use crate::{bundle, preserve, write};
 use anyhow::{bail, Context, Result};
-use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 /// What the user asked for.
@@ -134,17 +133,7 @@ pub struct Input {
 }
 
 fn open_and_verify(cfg: &SystemConfig, bundle: &Path) -> Result<Done<(Input, BundleHeader)>> {
-    let (reader, file_len): (Box<dyn Read>, _) = if bundle == Path::new("-") {
-        (
-            Box::new(BufReader::with_capacity(1 << 20, io::stdin())),
-            None,
-        )
-    } else {
-        let f =
-            File::open(bundle).with_context(|| format!("opening bundle {}", bundle.display()))?;
-        let len = f.metadata().map(|m| m.len()).ok();
-        (Box::new(BufReader::with_capacity(1 << 20, f)), len)
-    };
+    let (reader, file_len) = open_bundle(bundle)?;
     let mut input = Input {
         reader: CountingReader {
             inner: reader,
@@ -157,11 +146,7 @@ fn open_and_verify(cfg: &SystemConfig, bundle: &Path) -> Result<Done<(Input, Bun
     if cfg.trusted_keys.is_empty() {
         bail!("no trusted keys configured; add the public key that signs your bundles to keys.trusted in the config");
     }
-    let keys = cfg
-        .trusted_keys
-        .iter()
-        .map(|p| bundle::keys::load_verifying_key(p))
-        .collect::<Result<Vec<_>>>()?;
+    let keys = bundle::keys::load_verifying_keys(&cfg.trusted_keys)?;
     let key_id = header.verify(&keys)?;
     let comment = format!(
         "bundle {} version {} for {:?}, signed by key {key_id}",

@@ -165,26 +165,14 @@ fn bundle_create(cli: &Cli, a: &cli::CreateArgs) -> Result<i32> {
 }
 
 fn bundle_info(cli: &Cli, path: &std::path::Path, keys: &[std::path::PathBuf]) -> Result<i32> {
-    use std::io::Read;
-    let mut input: Box<dyn Read> = if path == std::path::Path::new("-") {
-        Box::new(std::io::stdin())
-    } else {
-        Box::new(
-            std::fs::File::open(path)
-                .with_context(|| format!("opening bundle {}", path.display()))?,
-        )
-    };
+    let (mut input, _) = bundle::reader::open_bundle(path)?;
     let h = bundle::reader::read_header(&mut input)
         .with_context(|| format!("reading bundle {}", path.display()))?;
     let signed_by = h.signature.as_ref().map(|s| s.key_id.clone());
     let verified = if keys.is_empty() {
         None
     } else {
-        let keys = keys
-            .iter()
-            .map(|k| bundle::keys::load_verifying_key(k))
-            .collect::<Result<Vec<_>>>()?;
-        Some(h.verify(&keys)?)
+        Some(h.verify(&bundle::keys::load_verifying_keys(keys)?)?)
     };
     if cli.json {
         let v = serde_json::json!({

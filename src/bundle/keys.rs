@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// First word of a secret key file.
 const SECRET_TAG: &str = "abup-ed25519-secret";
@@ -93,6 +93,12 @@ pub fn load_verifying_key(path: &Path) -> Result<VerifyingKey> {
             path.display()
         )
     })
+}
+
+/// Loads every public key file in `paths` (the trusted keys of a config or
+/// the `--key` flags of `bundle info`).
+pub fn load_verifying_keys(paths: &[PathBuf]) -> Result<Vec<VerifyingKey>> {
+    paths.iter().map(|p| load_verifying_key(p)).collect()
 }
 
 /// Reads a one-line key file and returns its 32 key bytes, checking the tag.

@@ -22,7 +22,9 @@ use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fmt;
+use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Take};
+use std::path::Path;
 
 /// Capacity of the buffer between the bundle stream and the decompressor.
 const STREAM_BUFFER: usize = 1024 * 1024;
@@ -175,6 +177,21 @@ fn read_u32<R: Read>(r: &mut R, what: &str) -> Result<u32> {
     let mut b = [0u8; 4];
     read_part(r, &mut b, what)?;
     Ok(u32::from_le_bytes(b))
+}
+
+/// Opens a bundle for one sequential read: the file at `path`, or stdin
+/// for `-`. Returns the stream (buffered, 1 MiB) and the file's length when
+/// it is a file, so a caller can compare it with what the manifest declares.
+pub fn open_bundle(path: &Path) -> Result<(Box<dyn Read>, Option<u64>)> {
+    if path == Path::new("-") {
+        return Ok((
+            Box::new(BufReader::with_capacity(1 << 20, io::stdin())),
+            None,
+        ));
+    }
+    let f = File::open(path).with_context(|| format!("opening bundle {}", path.display()))?;
+    let len = f.metadata().map(|m| m.len()).ok();
+    Ok((Box::new(BufReader::with_capacity(1 << 20, f)), len))
 }
 
 /// Reads the bundle header: magic, container version, manifest and signature
