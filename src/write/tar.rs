@@ -918,22 +918,7 @@ mod tests {
         let src = work.path().join("src");
         fs::create_dir(&src).unwrap();
         sparse_source(&src);
-        let archive = work.path().join("sparse.tar");
-        tar_with(&src, &archive, &["--format=gnu", "--sparse"]);
-        let root = work.path().join("root");
-        fs::create_dir(&root).unwrap();
-        let stats = extract_tar(&mut File::open(&archive).unwrap(), &root).unwrap();
-        assert_eq!(
-            stats,
-            WriteStats {
-                bytes: 1 << 20,
-                files: 1
-            }
-        );
-        assert_eq!(
-            fs::read(root.join("sparse")).unwrap(),
-            fs::read(src.join("sparse")).unwrap()
-        );
+        sparse_round_trip(work.path(), &src, 1 << 20);
     }
 
     #[test]
@@ -960,6 +945,23 @@ mod tests {
     }
 
     /// Runs GNU tar `--create` on `src` (all of it) into `out` with `args`.
+    /// Archives `src/sparse` with GNU tar's sparse format, extracts it into a
+    /// new root under `work`, checks the content and the counts (`bytes` of
+    /// file data, one file), and returns the root.
+    fn sparse_round_trip(work: &Path, src: &Path, bytes: u64) -> PathBuf {
+        let archive = work.join("sparse.tar");
+        tar_with(src, &archive, &["--format=gnu", "--sparse"]);
+        let root = work.join("root");
+        fs::create_dir(&root).unwrap();
+        let stats = extract_tar(&mut File::open(&archive).unwrap(), &root).unwrap();
+        assert_eq!(stats, WriteStats { bytes, files: 1 });
+        assert_eq!(
+            fs::read(root.join("sparse")).unwrap(),
+            fs::read(src.join("sparse")).unwrap()
+        );
+        root
+    }
+
     fn tar_with(src: &Path, out: &Path, args: &[&str]) {
         run(
             "creating test archive",
@@ -1163,22 +1165,7 @@ mod tests {
             std::os::unix::fs::FileExt::write_at(&f, island.as_bytes(), i * 250_000 + 7).unwrap();
         }
         drop(f);
-        let archive = work.path().join("sparse.tar");
-        tar_with(&src, &archive, &["--format=gnu", "--sparse"]);
-        let root = work.path().join("root");
-        fs::create_dir(&root).unwrap();
-        let stats = extract_tar(&mut File::open(&archive).unwrap(), &root).unwrap();
-        assert_eq!(
-            stats,
-            WriteStats {
-                bytes: 8 << 20,
-                files: 1
-            }
-        );
-        assert_eq!(
-            fs::read(root.join("sparse")).unwrap(),
-            fs::read(src.join("sparse")).unwrap()
-        );
+        let root = sparse_round_trip(work.path(), &src, 8 << 20);
         // Holes stay holes.
         assert!(lstat(&root.join("sparse")).blocks() * 512 < 2 << 20);
     }
