@@ -6,8 +6,11 @@
 //! copied in; the slot's record is written; and only then is the spare made
 //! primary — the only flip, and the last write.
 
-use crate::bundle::manifest::{Manifest, Payload, PayloadKind};
-use crate::bundle::reader::{open_bundle, payload_reader, read_header, read_trailer, BundleHeader};
+use crate::bundle::manifest::{Manifest, Payload, PayloadKind, ROOTFS};
+use crate::bundle::reader::{
+    open_bundle, payload_reader, read_header, read_trailer, BundleHeader, BundleStream,
+    PayloadReader, Verified,
+};
 use crate::config::SystemConfig;
 use crate::lock::RunLock;
 use crate::mount::{Access, TempMount};
@@ -17,7 +20,6 @@ use crate::state::{self, Content, SlotRecord};
 use crate::system::{self, System};
 use crate::{bundle, preserve, write};
 use anyhow::{bail, Context, Result};
-use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 /// What the user asked for.
@@ -57,7 +59,7 @@ pub fn install(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
         );
         Ok(Done::unchanged((cfg, lock), comment))
     })?;
-    let (mut input, header) = rep.step("verify-bundle", Check, || {
+    let (input, header) = rep.step("verify-bundle", Check, || {
         open_and_verify(&cfg, &opts.bundle)
     })?;
     let manifest = header.manifest.clone();
@@ -70,25 +72,37 @@ pub fn install(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
             .map_or("none (rescue system)".to_string(), |b| b.to_string());
         Ok(Done::unchanged(sys, format!("booted slot: {booted}")))
     })?;
-    let plan = rep.step("check", Check, || check(&sys, &header, opts, &input))?;
+    let Input { reader, file_len } = input;
+    let (plan, rootfs) = rep.step("check", Check, || {
+        let done = check(&sys, &header, opts, file_len)?;
+        if done.value.already_installed {
+            return Ok(Done {
+                value: (done.value, None),
+                state: done.state,
+                comment: done.comment,
+            });
+        }
+        // The first chunk is read and checked against the signed hash list
+        // here, before anything is written: a corrupt or spliced stream is
+        // refused before the spare is marked bad.
+        let rootfs = payload_reader(reader, &header, ROOTFS)?;
+        Ok(Done {
+            value: (done.value, Some(rootfs)),
+            state: done.state,
+            comment: format!(
+                "{}; first chunk of the rootfs payload verified",
+                done.comment
+            ),
+        })
+    })?;
     rep.report.target_slot = Some(plan.target.to_string());
     let target = plan.target;
 
-    if plan.already_installed {
-        let why = format!(
-            "slot {target} already holds bundle {} (version {}); pass --force to rewrite it",
-            short(&header.bundle_sha256),
-            manifest.version
-        );
-        for step in ["mark-bad", "write", "verify", "preserve", "record"] {
-            rep.skip(step, &why);
-        }
-    } else {
+    if let (false, Some(reader)) = (plan.already_installed, rootfs) {
         rep.step("mark-bad", Write, || mark_bad(&mut sys, target, &header))?;
         let payload = manifest.rootfs().clone();
         let (new_root, reader) = rep.step("write", Write, || {
-            let mut reader = payload_reader(&mut input.reader, &payload)
-                .with_context(|| format!("reading payload {}", payload.name))?;
+            let mut reader = reader;
             let done = write_payload(&sys, target, &payload, &mut reader)?;
             Ok(Done {
                 value: (done.value, reader),
@@ -99,14 +113,13 @@ pub fn install(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
         // Finishing drains and checks the payload; the step reports it.
         let finished = reader.finish();
         rep.step("verify", Write, || {
-            finished?;
-            read_trailer(&mut input.reader)?;
+            read_trailer(&mut finished?.into_inner())?;
             Ok(Done::unchanged(
                 (),
                 format!(
-                    "{} bytes, sha256 {} as signed",
+                    "{} chunks of stored bytes matched the signed hash list; {} bytes uncompressed as declared; end marker read",
+                    payload.chunk_count(),
                     payload.size,
-                    short(&payload.sha256)
                 ),
             ))
         })?;
@@ -114,6 +127,15 @@ pub fn install(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
             preserve_paths(&sys, target, &payload, new_root)
         })?;
         rep.step("record", Write, || record(&sys, target, &header))?;
+    } else {
+        let why = format!(
+            "slot {target} already holds bundle {} (version {}); pass --force to rewrite it",
+            short(&header.bundle_sha256),
+            manifest.version
+        );
+        for step in ["mark-bad", "write", "verify", "preserve", "record"] {
+            rep.skip(step, &why);
+        }
     }
 
     if opts.no_activate {
@@ -128,19 +150,16 @@ pub fn install(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
 
 /// The bundle stream and how many bytes the file holds, when it is a file.
 pub struct Input {
-    reader: CountingReader<Box<dyn Read>>,
+    reader: BundleStream,
     file_len: Option<u64>,
 }
 
+/// The rootfs payload's verified, decompressed bytes.
+type RootfsReader = PayloadReader<Verified<BundleStream>>;
+
 fn open_and_verify(cfg: &SystemConfig, bundle: &Path) -> Result<Done<(Input, BundleHeader)>> {
     let (reader, file_len) = open_bundle(bundle)?;
-    let mut input = Input {
-        reader: CountingReader {
-            inner: reader,
-            count: 0,
-        },
-        file_len,
-    };
+    let mut input = Input { reader, file_len };
     let header = read_header(&mut input.reader)
         .with_context(|| format!("reading bundle {}", bundle.display()))?;
     if cfg.trusted_keys.is_empty() {
@@ -162,7 +181,7 @@ fn check(
     sys: &System,
     header: &BundleHeader,
     opts: &InstallOptions,
-    input: &Input,
+    file_len: Option<u64>,
 ) -> Result<Done<Plan>> {
     let m: &Manifest = &header.manifest;
     if m.compatible != sys.cfg.compatible {
@@ -173,8 +192,8 @@ fn check(
             sys.cfg.compatible
         );
     }
-    if let Some(len) = input.file_len {
-        let want = input.reader.count + m.stored_size() + bundle::TRAILER.len() as u64;
+    if let Some(len) = file_len {
+        let want = header.layout.length;
         if len < want {
             bail!("bundle is truncated: the manifest declares {want} bytes but the file has {len}; download it again");
         }
@@ -228,7 +247,8 @@ fn check(
     };
     let payload = m.rootfs();
     let need = needed_bytes(payload, slot.part.size);
-    if need > slot.part.size {
+    if need.is_none_or(|need| need > slot.part.size) {
+        let need = need.map_or("more than 2^64".to_string(), |n| n.to_string());
         bail!(
             "payload needs {need} bytes but slot {target} ({}) has {}; use a larger partition or a smaller image",
             slot.dev.path.display(),
@@ -254,11 +274,16 @@ fn check(
 
 /// Bytes of the slot a payload needs: a raw image its size; a tarball its
 /// files plus room for the filesystem's own structures (inode tables and
-/// journal, about 5% and a few MiB).
-fn needed_bytes(p: &Payload, slot_size: u64) -> u64 {
+/// journal, about 5% and a few MiB). `None` when the sum does not fit a
+/// u64 (a hostile `installed_size`), which no slot can hold.
+fn needed_bytes(p: &Payload, slot_size: u64) -> Option<u64> {
     match p.kind {
-        PayloadKind::Raw => p.size,
-        PayloadKind::Tar => p.installed_size.unwrap_or(p.size) + slot_size / 20 + (8 << 20),
+        PayloadKind::Raw => Some(p.size),
+        PayloadKind::Tar => p
+            .installed_size
+            .unwrap_or(p.size)
+            .checked_add(slot_size / 20)?
+            .checked_add(8 << 20),
     }
 }
 
@@ -289,7 +314,7 @@ fn write_payload(
     sys: &System,
     target: SlotName,
     payload: &Payload,
-    reader: &mut dyn Read,
+    reader: &mut RootfsReader,
 ) -> Result<Done<Option<TempMount>>> {
     let dev = &sys.slot(target).dev.path;
     let start = std::time::Instant::now();
@@ -433,19 +458,4 @@ fn activate(sys: &mut System, target: SlotName) -> Result<Done<()>> {
 
 fn short(hex: &str) -> &str {
     &hex[..hex.len().min(12)]
-}
-
-/// Counts the bytes read, to compare a bundle file's length with what its
-/// manifest declares.
-struct CountingReader<R> {
-    inner: R,
-    count: u64,
-}
-
-impl<R: Read> Read for CountingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.count += n as u64;
-        Ok(n)
-    }
 }

@@ -169,17 +169,24 @@ fn bundle_info(cli: &Cli, path: &std::path::Path, keys: &[std::path::PathBuf]) -
     let h = bundle::reader::read_header(&mut input)
         .with_context(|| format!("reading bundle {}", path.display()))?;
     let signed_by = h.signature.as_ref().map(|s| s.key_id.clone());
+    // With keys, the whole bundle is checked: the signature, every chunk of
+    // every payload, the decompressed sizes and hashes, the end marker.
     let verified = if keys.is_empty() {
         None
     } else {
-        Some(h.verify(&bundle::keys::load_verifying_keys(keys)?)?)
+        let id = h.verify(&bundle::keys::load_verifying_keys(keys)?)?;
+        bundle::reader::check_payloads(&mut input, &h)
+            .with_context(|| format!("checking bundle {}", path.display()))?;
+        Some(id)
     };
     if cli.json {
         let v = serde_json::json!({
             "bundle_sha256": h.bundle_sha256,
             "signed_by": signed_by,
+            "verified": verified.is_some(),
             "verified_key": verified,
             "manifest": h.manifest,
+            "layout": h.layout.to_json(&h.manifest),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -196,15 +203,22 @@ fn bundle_info(cli: &Cli, path: &std::path::Path, keys: &[std::path::PathBuf]) -
             "signed by:  {}{}",
             signed_by.as_deref().unwrap_or("nobody (unsigned)"),
             if verified.is_some() {
-                " (verified)"
+                " (verified: signature, every chunk and the end marker)"
             } else {
-                ""
+                " (not verified; pass --key to check the signature and every byte)"
             }
         );
         for p in &m.payloads {
             println!(
-                "payload {}: {} ({}), {} bytes, sha256 {}; stored {} bytes, sha256 {}",
-                p.name, p.kind, p.compression, p.size, p.sha256, p.stored_size, p.stored_sha256
+                "payload {}: {} ({}), {} bytes, sha256 {}; stored {} bytes in {} chunks of {}",
+                p.name,
+                p.kind,
+                p.compression,
+                p.size,
+                p.sha256,
+                p.stored_size,
+                p.chunk_count(),
+                p.chunk_size
             );
         }
     }

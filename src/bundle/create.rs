@@ -10,8 +10,8 @@
 //! size in the output's directory.
 
 use super::manifest::{Compression, Manifest, Payload, PayloadKind, MANIFEST_FORMAT, ROOTFS};
-use super::reader::SignatureInfo;
-use super::{CONTAINER_VERSION, MAGIC, TRAILER};
+use super::reader::{ChunkHasher, Layout, SignatureInfo};
+use super::{CONTAINER_VERSION, DEFAULT_CHUNK_SIZE, MAGIC, TRAILER};
 use crate::write::pax::TarReader;
 use crate::write::tar::{plan, Action};
 use anyhow::{bail, ensure, Context, Result};
@@ -172,7 +172,8 @@ pub fn create(opts: &CreateOptions, out: &Path) -> Result<Manifest> {
             size: built.size,
             sha256: built.sha256,
             stored_size: built.stored_size,
-            stored_sha256: built.stored_sha256,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            chunk_hashes: built.chunk_hashes,
             installed_size: built.installed_size,
         }],
     };
@@ -186,10 +187,17 @@ pub fn create(opts: &CreateOptions, out: &Path) -> Result<Manifest> {
         .prefix(".abup-bundle-")
         .tempfile_in(dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    let layout = Layout::new(
+        &manifest,
+        manifest_bytes.len() as u64,
+        signature.len() as u64,
+    )?;
     write_bundle(
         bundle_file.as_file_mut(),
         &manifest_bytes,
         &signature,
+        &built.hash_list,
+        layout.padding.length,
         payload_file.as_file_mut(),
         built.stored_size,
     )
@@ -246,6 +254,8 @@ fn write_bundle(
     file: &mut File,
     manifest: &[u8],
     signature: &[u8],
+    hash_list: &[u8],
+    padding: u64,
     payload: &mut File,
     stored_size: u64,
 ) -> Result<()> {
@@ -256,6 +266,8 @@ fn write_bundle(
     w.write_all(manifest)?;
     w.write_all(&len_u32(signature)?.to_le_bytes())?;
     w.write_all(signature)?;
+    w.write_all(hash_list)?;
+    w.write_all(&vec![0u8; padding as usize])?;
     payload
         .seek(SeekFrom::Start(0))
         .context("rewinding the payload file")?;
@@ -280,7 +292,8 @@ struct Built {
     size: u64,
     sha256: String,
     stored_size: u64,
-    stored_sha256: String,
+    hash_list: Vec<u8>,
+    chunk_hashes: String,
     installed_size: Option<u64>,
 }
 
@@ -290,8 +303,7 @@ fn build_payload(opts: &CreateOptions, dest: &mut File, dest_path: &Path) -> Res
     let sink = HashWriter {
         inner: BufWriter::with_capacity(IO_BUFFER, &mut *dest),
         path: dest_path,
-        hasher: Sha256::new(),
-        count: 0,
+        hasher: ChunkHasher::new(DEFAULT_CHUNK_SIZE),
     };
     let mut enc = Encoder::new(opts.compression, opts.zstd_level, sink)?;
     let (summary, installed_size) = match &opts.source {
@@ -316,13 +328,14 @@ fn build_payload(opts: &CreateOptions, dest: &mut File, dest_path: &Path) -> Res
     sink.inner
         .flush()
         .with_context(|| format!("writing {}", dest_path.display()))?;
-    let stored_size = sink.count;
-    let stored_sha256 = hex::encode(sink.hasher.finalize());
+    let stored_size = sink.hasher.total();
+    let (hash_list, chunk_hashes) = sink.hasher.finish();
     Ok(Built {
         size: summary.0,
         sha256: summary.1,
         stored_size,
-        stored_sha256,
+        hash_list,
+        chunk_hashes,
         installed_size,
     })
 }
@@ -475,13 +488,12 @@ impl<R: Read, W: Write> Read for Tee<'_, R, W> {
     }
 }
 
-/// Hashes and counts the stored bytes on their way to the payload file;
+/// Hashes the stored bytes chunk by chunk on their way to the payload file;
 /// write errors name the file.
 struct HashWriter<'p, W> {
     inner: W,
     path: &'p Path,
-    hasher: Sha256,
-    count: u64,
+    hasher: ChunkHasher,
 }
 
 impl<W: Write> Write for HashWriter<'_, W> {
@@ -490,7 +502,6 @@ impl<W: Write> Write for HashWriter<'_, W> {
             io::Error::new(e.kind(), format!("writing {}: {e}", self.path.display()))
         })?;
         self.hasher.update(&buf[..n]);
-        self.count += n as u64;
         Ok(n)
     }
 
@@ -584,7 +595,7 @@ mod tests {
     fn read_bundle(path: &Path) -> Result<Unpacked> {
         let mut f = BufReader::new(File::open(path)?);
         let header = read_header(&mut f)?;
-        let mut pr = payload_reader(&mut f, header.manifest.rootfs())?;
+        let mut pr = payload_reader(&mut f, &header, "rootfs")?.check_content_hash();
         let mut payload = Vec::new();
         pr.read_to_end(&mut payload)?;
         pr.finish()?;

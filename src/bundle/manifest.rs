@@ -1,6 +1,7 @@
 //! The bundle manifest: what the bundle is for (`compatible`), what it
-//! installs (`version`) and, for every payload, its exact sizes and SHA-256
-//! hashes before and after compression.
+//! installs (`version`) and, for every payload, its exact sizes, the SHA-256
+//! of its uncompressed bytes and the SHA-256 of its chunk hash list (which
+//! authenticates every stored chunk before it is used).
 //!
 //! The manifest is the only part of a bundle that is signed, so it is parsed
 //! strictly: unknown fields, a newer `format`, malformed hashes or
@@ -11,8 +12,9 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
-/// The manifest format this abup writes and understands.
-pub const MANIFEST_FORMAT: u32 = 1;
+/// The manifest format this abup writes and understands. Format 1 (one
+/// hash over the whole stored payload, known only at its end) is refused.
+pub const MANIFEST_FORMAT: u32 = 2;
 
 /// The name of the payload holding the root filesystem.
 pub const ROOTFS: &str = "rootfs";
@@ -54,8 +56,12 @@ pub struct Payload {
     pub sha256: String,
     /// Size in bytes of the stored (compressed) bytes in the bundle.
     pub stored_size: u64,
-    /// Lowercase hex SHA-256 of the stored bytes.
-    pub stored_sha256: String,
+    /// The stored bytes are authenticated in chunks of this many bytes (the
+    /// last one may be shorter): a power of two from 4 KiB to 16 MiB.
+    pub chunk_size: u64,
+    /// Lowercase hex SHA-256 of the payload's hash list: the 32-byte SHA-256
+    /// of every stored chunk, in order.
+    pub chunk_hashes: String,
     /// For tar payloads: an estimate of the space the files take once
     /// extracted (regular files rounded up to 4096 bytes, plus 4096 per
     /// directory, symlink or other entry).
@@ -135,9 +141,20 @@ impl Manifest {
         self.payloads.iter().find(|p| p.name == name)
     }
 
-    /// Total number of payload bytes stored in the bundle.
+    /// Total number of payload bytes stored in the bundle. Saturates
+    /// instead of wrapping; a validated manifest never gets near that.
     pub fn stored_size(&self) -> u64 {
-        self.payloads.iter().map(|p| p.stored_size).sum()
+        self.payloads
+            .iter()
+            .fold(0u64, |sum, p| sum.saturating_add(p.stored_size))
+    }
+
+    /// Total length of the hash lists of every payload. Saturates like
+    /// [`Manifest::stored_size`].
+    pub fn hash_lists_len(&self) -> u64 {
+        self.payloads
+            .iter()
+            .fold(0u64, |sum, p| sum.saturating_add(p.hash_list_len()))
     }
 
     /// Serializes the manifest (validating it first) to the bytes stored in
@@ -204,11 +221,53 @@ impl Manifest {
             self.payload(ROOTFS).is_some(),
             "the manifest has no \"{ROOTFS}\" payload"
         );
+        // Installing streams the payloads in order onto their targets; the
+        // only target this abup knows is the root slot, so a bundle with
+        // more payloads is refused before anything is read or written.
+        ensure!(
+            self.payloads.len() == 1,
+            "the bundle has {} payloads; this abup installs bundles with exactly one, \"{ROOTFS}\" (upgrade abup, or rebuild the bundle with only the rootfs)",
+            self.payloads.len()
+        );
+        let mut stored = 0u64;
+        let mut lists = 0u64;
+        for p in &self.payloads {
+            stored = stored
+                .checked_add(p.stored_size)
+                .context("the payloads' stored sizes add up to more than 2^64 bytes")?;
+            lists = lists
+                .checked_add(p.hash_list_len())
+                .filter(|l| *l <= super::MAX_HASH_LISTS_LEN)
+                .with_context(|| {
+                    format!(
+                        "the payloads' hash lists take more than {} bytes; use a larger chunk_size",
+                        super::MAX_HASH_LISTS_LEN
+                    )
+                })?;
+        }
+        // The whole bundle's length must be a number too.
+        stored
+            .checked_add(lists)
+            .and_then(|n| n.checked_add(u64::from(super::MAX_MANIFEST_LEN) + 64 * 1024))
+            .context("the bundle would be more than 2^64 bytes long")?;
         Ok(())
     }
 }
 
 impl Payload {
+    /// Number of chunks the stored bytes are authenticated in.
+    pub fn chunk_count(&self) -> u64 {
+        if self.chunk_size == 0 {
+            return 0;
+        }
+        self.stored_size.div_ceil(self.chunk_size)
+    }
+
+    /// Length in bytes of this payload's hash list (32 per chunk).
+    pub fn hash_list_len(&self) -> u64 {
+        self.chunk_count().saturating_mul(32)
+    }
+
     /// Checks one payload entry on its own (see [`Manifest::validate`]).
     fn validate(&self) -> Result<()> {
         ensure!(
@@ -222,11 +281,19 @@ impl Payload {
             self.name
         );
         check_sha256("sha256", &self.sha256)?;
-        check_sha256("stored_sha256", &self.stored_sha256)?;
+        check_sha256("chunk_hashes", &self.chunk_hashes)?;
+        ensure!(
+            self.chunk_size.is_power_of_two()
+                && (super::MIN_CHUNK_SIZE..=super::MAX_CHUNK_SIZE).contains(&self.chunk_size),
+            "chunk_size {} is not a power of two from {} to {}",
+            self.chunk_size,
+            super::MIN_CHUNK_SIZE,
+            super::MAX_CHUNK_SIZE
+        );
         if self.compression == Compression::None {
             ensure!(
-                self.stored_size == self.size && self.stored_sha256 == self.sha256,
-                "an uncompressed payload must have stored_size == size and stored_sha256 == sha256"
+                self.stored_size == self.size,
+                "an uncompressed payload must have stored_size == size"
             );
         }
         if self.kind == PayloadKind::Raw {
@@ -272,7 +339,7 @@ pub(crate) mod tests {
 
     pub(crate) fn sample() -> Manifest {
         Manifest {
-            format: 1,
+            format: MANIFEST_FORMAT,
             compatible: "acme-gw".into(),
             version: semver::Version::parse("2.0.0-rc.1+build.5").unwrap(),
             created: 1_700_000_000,
@@ -284,7 +351,8 @@ pub(crate) mod tests {
                 size: 10240,
                 sha256: "a".repeat(64),
                 stored_size: 100,
-                stored_sha256: "b".repeat(64),
+                chunk_size: 1 << 20,
+                chunk_hashes: "b".repeat(64),
                 installed_size: Some(8192),
             }],
         }
@@ -329,10 +397,10 @@ pub(crate) mod tests {
     #[test]
     fn newer_format_says_upgrade() {
         let mut v = json(&sample());
-        v["format"] = 2.into();
+        v["format"] = 3.into();
         // A newer format may well bring new fields; the format wins.
         v["new_field"] = true.into();
-        assert_eq!(err(&v), "unsupported manifest format 2; upgrade abup");
+        assert_eq!(err(&v), "unsupported manifest format 3; upgrade abup");
     }
 
     #[test]
@@ -359,7 +427,9 @@ pub(crate) mod tests {
         }
         let payload_cases: &[(&str, serde_json::Value, &str)] = &[
             ("sha256", "abc".into(), "64 lowercase hex"),
-            ("stored_sha256", "A".repeat(64).into(), "64 lowercase hex"),
+            ("chunk_hashes", "A".repeat(64).into(), "64 lowercase hex"),
+            ("chunk_size", 1000.into(), "not a power of two"),
+            ("chunk_size", (1u64 << 30).into(), "not a power of two"),
             ("kind", "squashfs".into(), "unknown variant"),
             ("compression", "xz".into(), "unknown variant"),
             ("name", "boot".into(), "no \"rootfs\" payload"),
@@ -381,12 +451,37 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn several_payloads_are_refused_in_any_order() {
+        let mut aux = sample().payloads[0].clone();
+        aux.name = "aux".into();
+        for order in [0, 1] {
+            let mut m = sample();
+            m.payloads.insert(order, aux.clone());
+            let e = format!("{:#}", m.to_bytes().unwrap_err());
+            assert!(e.contains("has 2 payloads"), "{e}");
+        }
+    }
+
+    #[test]
+    fn huge_sizes_do_not_wrap() {
+        let mut m = sample();
+        m.payloads[0].stored_size = u64::MAX - 10;
+        m.payloads[0].chunk_size = super::super::MAX_CHUNK_SIZE;
+        let e = format!("{:#}", m.to_bytes().unwrap_err());
+        assert!(e.contains("hash lists take more than"), "{e}");
+        let mut m = sample();
+        m.payloads[0].installed_size = Some(u64::MAX);
+        m.payloads[0].size = u64::MAX;
+        m.to_bytes().unwrap();
+        assert_eq!(m.stored_size(), 100);
+    }
+
+    #[test]
     fn uncompressed_sizes_must_agree() {
         let mut m = sample();
         m.payloads[0].compression = Compression::None;
         assert!(m.to_bytes().is_err());
         m.payloads[0].stored_size = m.payloads[0].size;
-        m.payloads[0].stored_sha256 = m.payloads[0].sha256.clone();
         m.to_bytes().unwrap();
     }
 

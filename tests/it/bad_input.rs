@@ -86,8 +86,10 @@ fn flipped_byte_in_a_compressed_tar_payload() {
     env.assert_untouched(&before);
 }
 
+/// The first chunk is checked against the signed hash list before the spare
+/// is touched: a flip there is refused with exit 3 and slot B unchanged.
 #[test]
-fn flipped_byte_in_an_uncompressed_raw_payload_fails_verify() {
+fn flipped_byte_in_the_first_chunk_is_refused_before_writing() {
     let env = Env::new();
     let img = env.path("rootfs.ext4");
     let tree = env.path("tree");
@@ -102,9 +104,18 @@ fn flipped_byte_in_an_uncompressed_raw_payload_fails_verify() {
     assert_eq!(range.end - range.start, 8 * MIB);
     let bad = flipped(&env, &bundle, range.start + 1024 + 56); // the ext4 superblock magic
     let before = env.snapshot();
+    let slot_b = env.disk.sha256_of_partition("rootB");
 
-    let line = install(&env, &bad).failed(1, &["mismatch"]);
-    assert!(line.starts_with("error: verify: "), "{line}");
+    let line = install(&env, &bad).failed(3, &["chunk 0", "does not match its signed hash"]);
+    assert!(line.starts_with("error: check: "), "{line}");
+    env.assert_untouched(&before);
+    assert_eq!(env.disk.sha256_of_partition("rootB"), slot_b);
+    assert_eq!(env.status(Some("A"))["slots"]["B"]["state"], "empty");
+
+    // A flip in a later chunk stops the write at that chunk (exit 1).
+    let bad = flipped(&env, &bundle, range.start + 5 * MIB + 3);
+    let line = install(&env, &bad).failed(1, &["chunk 5", "does not match its signed hash"]);
+    assert!(line.starts_with("error: write: "), "{line}");
     env.assert_untouched(&before);
     assert_eq!(env.status(Some("A"))["slots"]["B"]["state"], "empty");
 }

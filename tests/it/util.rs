@@ -1267,15 +1267,20 @@ pub fn bundle_info(bundle: &Path) -> Value {
 }
 
 /// The byte range of the rootfs payload's stored bytes within the bundle
-/// file: everything between the header and the 8-byte end marker.
+/// file, from the layout `abup bundle info --json` shows.
 pub fn payload_range(bundle: &Path) -> std::ops::Range<u64> {
     let info = bundle_info(bundle);
-    let stored = info["manifest"]["payloads"][0]["stored_size"]
-        .as_u64()
-        .expect("stored_size in bundle info");
-    let len = fs::metadata(bundle).unwrap().len();
-    let end = len - 8;
-    end - stored..end
+    let p = &info["layout"]["payloads"][0];
+    assert_eq!(p["name"], "rootfs", "{info:#}");
+    let offset = p["offset"].as_u64().expect("payload offset in bundle info");
+    let length = p["length"].as_u64().expect("payload length in bundle info");
+    assert_eq!(
+        length,
+        info["manifest"]["payloads"][0]["stored_size"]
+            .as_u64()
+            .unwrap()
+    );
+    offset..offset + length
 }
 
 /// The steps of a run report as (name, state) pairs.
