@@ -63,14 +63,18 @@ pub struct SystemConfig {
     pub boot_tries: u32,
     /// Public keys whose signatures are trusted.
     pub trusted_keys: Vec<PathBuf>,
-    /// Absolute paths carried from the running system into the new root.
-    pub preserve: Vec<PathBuf>,
+    /// Preserve rules (`preserve.paths` and `[[preserve.rule]]`), in order.
+    pub preserve: Vec<crate::migrate::rules::Rule>,
     /// Root that preserved paths are read from, when set in the config.
     /// Unset means the running system's `/`, which abup uses only when the
     /// system was booted from a slot (never a rescue system's own files).
     pub preserve_from: Option<PathBuf>,
     /// Directory holding abup's records of what each slot holds.
     pub state_dir: PathBuf,
+    /// The data partition whose changes migrations stage until mark-good.
+    pub data: Option<PartRef>,
+    /// Time limit of each migration.
+    pub migrate_timeout: std::time::Duration,
 }
 
 impl SystemConfig {
@@ -152,18 +156,11 @@ impl SystemConfig {
         if raw.compatible.trim().is_empty() {
             bail!("compatible must not be empty");
         }
-        let preserve = raw
-            .preserve
-            .paths
-            .into_iter()
-            .map(|p| absolute("preserve.paths", p))
-            .collect::<Result<Vec<_>>>()?;
-        if let Some(p) = preserve.iter().find(|p| p == &Path::new("/")) {
-            bail!(
-                "preserve.paths: {} would replace the whole new root",
-                p.display()
-            );
-        }
+        let preserve = crate::migrate::config_rules(raw.preserve.paths, raw.preserve.rule)?;
+        let migrate_timeout = match raw.migrate.timeout_secs.unwrap_or(300) {
+            0 => bail!("migrate.timeout_secs must be at least 1"),
+            s => std::time::Duration::from_secs(s),
+        };
         Ok(SystemConfig {
             source: source.to_path_buf(),
             compatible: raw.compatible,
@@ -189,6 +186,8 @@ impl SystemConfig {
                 raw.state_dir
                     .unwrap_or_else(|| PathBuf::from("/var/lib/abup")),
             )?,
+            data: raw.data.map(|d| d.into_ref("data")).transpose()?,
+            migrate_timeout,
         })
     }
 }
@@ -227,6 +226,9 @@ struct RawConfig {
     keys: RawKeys,
     #[serde(default)]
     preserve: RawPreserve,
+    data: Option<PartSpec>,
+    #[serde(default)]
+    migrate: RawMigrate,
 }
 
 #[derive(Deserialize)]
@@ -306,6 +308,14 @@ struct RawPreserve {
     #[serde(default)]
     paths: Vec<PathBuf>,
     from: Option<PathBuf>,
+    #[serde(default)]
+    rule: Vec<crate::migrate::rules::RawRule>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMigrate {
+    timeout_secs: Option<u64>,
 }
 
 #[cfg(test)]

@@ -13,12 +13,12 @@ use crate::bundle::reader::{
 };
 use crate::config::SystemConfig;
 use crate::lock::RunLock;
-use crate::mount::{Access, TempMount};
+use crate::mount::TempMount;
 use crate::report::{Done, Reporter, StepKind::*};
 use crate::slot::SlotName;
 use crate::state::{self, Content, SlotRecord};
 use crate::system::{self, System};
-use crate::{bundle, preserve, write};
+use crate::{bundle, migrate, write};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -123,9 +123,12 @@ pub fn install(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
                 ),
             ))
         })?;
-        rep.step("preserve", Write, || {
-            preserve_paths(&sys, target, &payload, new_root)
+        let new_root = rep.step("preserve", Write, || {
+            migrate::preserve_step(&sys, target, new_root)
         })?;
+        if let Some(m) = new_root {
+            m.unmount()?;
+        }
         rep.step("record", Write, || record(&sys, target, &header))?;
     } else {
         let why = format!(
@@ -350,67 +353,6 @@ fn fs_label(sys: &System, target: SlotName) -> String {
     } else {
         format!("root-{target}")
     }
-}
-
-fn preserve_paths(
-    sys: &System,
-    target: SlotName,
-    payload: &Payload,
-    mounted: Option<TempMount>,
-) -> Result<Done<()>> {
-    let paths = &sys.cfg.preserve;
-    // A rescue system's own / is not the device's old root: copying its
-    // hostname or host keys would give the device a stranger's identity.
-    let from = match (&sys.cfg.preserve_from, sys.booted) {
-        _ if paths.is_empty() => Err("no paths to preserve"),
-        (Some(from), _) => Ok(from.clone()),
-        (None, Some(_)) => Ok(PathBuf::from("/")),
-        (None, None) => Err("not booted from a slot (rescue system): nothing copied from this system's /; set preserve.from to the old root to carry files over"),
-    };
-    let from = match from {
-        Ok(from) => from,
-        Err(why) => {
-            if let Some(m) = mounted {
-                m.unmount()?;
-            }
-            return Ok(Done::unchanged((), why));
-        }
-    };
-    let dev = &sys.slot(target).dev.path;
-    let m = match mounted {
-        Some(m) => m,
-        None => TempMount::ext4(dev, Access::ReadWrite).with_context(|| {
-            format!(
-                "mounting the new {} image on {} to preserve files (preserving needs a writable ext4 image; empty preserve.paths to install others)",
-                payload.kind,
-                dev.display()
-            )
-        })?,
-    };
-    let done = preserve::copy_preserved(paths, &from, m.path())?;
-    m.unmount()?;
-    let list = |v: &[PathBuf]| {
-        v.iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let mut comment = format!(
-        "copied {} path(s) from {}",
-        done.copied.len(),
-        from.display()
-    );
-    if !done.copied.is_empty() {
-        comment += &format!(": {}", list(&done.copied));
-    }
-    if !done.missing.is_empty() {
-        comment += &format!("; skipped missing: {}", list(&done.missing));
-    }
-    Ok(if done.copied.is_empty() {
-        Done::unchanged((), comment)
-    } else {
-        Done::changed((), comment)
-    })
 }
 
 /// The record of a slot holding (or being written with) `header`'s bundle.

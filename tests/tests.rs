@@ -14,6 +14,8 @@ mod bad_input;
 mod format;
 #[path = "it/install.rs"]
 mod install;
+#[path = "it/migrate.rs"]
+mod migrate;
 #[path = "it/slots.rs"]
 mod slots;
 #[path = "it/util.rs"]

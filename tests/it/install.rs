@@ -412,7 +412,7 @@ fn rescue_system_needs_target_slot() {
 }
 
 #[test]
-fn rescue_install_does_not_copy_the_rescue_systems_own_files() {
+fn rescue_install_reads_the_primary_slot_not_the_rescue_systems_own_files() {
     let env = Env::new();
     let bundle = env.simple_bundle("1.0.0");
     // preserve.from unset: the running system's / would be the rescue
@@ -425,13 +425,14 @@ fn rescue_install_does_not_copy_the_rescue_systems_own_files() {
     );
     run.ok();
     let report = run.json();
-    assert_eq!(step_state(&report, "preserve"), "unchanged");
+    // The old root is then the primary slot A, mounted read-only by abup.
+    assert_eq!(step_state(&report, "preserve"), "changed");
     assert!(
-        step_comment(&report, "preserve").contains("rescue system"),
+        step_comment(&report, "preserve").contains("slot A (primary, mounted read-only)"),
         "{report:#}"
     );
     let b = env.disk.mount("rootB", false);
-    assert_eq!(read(&b.path().join("etc/hostname")), "image-default\n");
+    assert_eq!(read(&b.path().join("etc/hostname")), "slot-a-image\n");
     assert!(!b.path().join("etc/machine-id").exists());
 }
 
@@ -503,10 +504,14 @@ fn preserved_paths_arrive_with_content_mode_and_links() {
     assert_eq!(mode(&key), 0o600, "mode of the preserved ssh host key");
     assert_eq!(owner(&key), (0, 0));
     assert_eq!(mode(&root.join("etc/ssh/ssh_host_ed25519_key.pub")), 0o644);
-    // The running system's /etc/ssh replaces the image's, as a whole.
+    // The running system's /etc/ssh is merged into the image's: the
+    // image's new sshd_config stays beside the device's keys.
+    let mut want = names_in(&env.running.join("etc/ssh"));
+    want.insert("sshd_config".to_string());
+    assert_eq!(names_in(&root.join("etc/ssh")), want);
     assert_eq!(
-        names_in(&root.join("etc/ssh")),
-        names_in(&env.running.join("etc/ssh")),
+        read(&root.join("etc/ssh/sshd_config")),
+        "PermitRootLogin no\n"
     );
     assert_eq!(
         read(&root.join("etc/machine-id")),

@@ -687,6 +687,8 @@ pub struct ConfigOpts {
     pub tries: u32,
     /// `preserve.from`; None leaves the key out (abup's default).
     pub from: Option<PathBuf>,
+    /// TOML appended at the end (e.g. `[[preserve.rule]]`, `[data]` tables).
+    pub extra: String,
 }
 
 /// How to build an [`Env`].
@@ -805,6 +807,7 @@ impl EnvBuilder {
             trusted: vec![public.clone()],
             tries: 3,
             from: Some(running.clone()),
+            extra: String::new(),
         };
         let env = Env {
             disk,
@@ -902,7 +905,7 @@ tries = {tries}
 trusted = [{trusted}]
 [preserve]
 paths = [{paths}]
-{from}"#,
+{from}{extra}"#,
             state = q(&self.state_dir),
             device = q(&self.disk.device()),
             slot_b = o.slot_b,
@@ -913,6 +916,7 @@ paths = [{paths}]
                 .from
                 .as_ref()
                 .map_or(String::new(), |p| format!("from = {}\n", q(p))),
+            extra = o.extra,
         );
         fs::write(path, text).expect("writing the config");
     }

@@ -1,0 +1,233 @@
+//! Carrying a device's configuration and data across an update: preserve
+//! rules, migrations shipped in the new image, and data staged until the new
+//! slot is blessed.
+//!
+//! - [`rules`]: what the config and the image say to preserve.
+//! - [`tree`]: contained path resolution (nothing followed out of a root).
+//! - [`preserve`]: copying per rule, with owner, mode, timestamps, xattrs.
+//! - [`run`]: running the image's migrations in a confined mount namespace.
+//! - [`data`]: the data partition's staging area, committed by `mark-good`.
+//!
+//! The install's `preserve` and `migrate` steps are [`preserve_step`] and
+//! [`migrate_step`]; both read the "old root": the running system's `/`,
+//! `preserve.from` when set, or in a rescue system the primary slot mounted
+//! read-only.
+
+pub mod preserve;
+pub mod rules;
+pub mod tree;
+
+use crate::mount::{Access, TempMount};
+use crate::report::Done;
+use crate::slot::SlotName;
+use crate::state::Content;
+use crate::system::System;
+use anyhow::{Context, Result};
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
+use rules::{Origin, RawRule, Rule};
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use tree::Tree;
+
+/// Folder of the new root holding its migrations (`NN-name` executables).
+pub const MIGRATE_DIR: &str = "usr/lib/abup/migrate.d";
+
+/// The config's rules: `preserve.paths` (shorthand, every default) first,
+/// then `[[preserve.rule]]` tables.
+pub fn config_rules(paths: Vec<PathBuf>, rules: Vec<RawRule>) -> Result<Vec<Rule>> {
+    let short = paths
+        .into_iter()
+        .map(|p| RawRule::shorthand(p).validate("preserve.paths", Origin::Config));
+    let full = rules
+        .into_iter()
+        .map(|r| r.validate("preserve.rule", Origin::Config));
+    short.chain(full).collect()
+}
+
+/// The root preserve rules and migrations read the device's files from.
+pub struct OldRoot {
+    pub path: PathBuf,
+    /// Says where it came from, for the report.
+    pub what: String,
+    _mount: Option<TempMount>,
+}
+
+/// Finds the old root, or says why there is none.
+pub fn old_root(sys: &System, target: SlotName) -> Result<std::result::Result<OldRoot, String>> {
+    if let Some(from) = &sys.cfg.preserve_from {
+        return Ok(Ok(OldRoot {
+            path: from.clone(),
+            what: from.display().to_string(),
+            _mount: None,
+        }));
+    }
+    if sys.booted.is_some() {
+        return Ok(Ok(OldRoot {
+            path: PathBuf::from("/"),
+            what: "/".to_string(),
+            _mount: None,
+        }));
+    }
+    // A rescue system's own / is not the device's: use the slot the
+    // bootloader would start, read-only.
+    let primary = sys.boot.backend.primary()?.filter(|p| *p != target);
+    let Some(p) = primary else {
+        return Ok(Err(format!(
+            "rescue system and no slot other than {target} is primary: nothing to read the device's files from; set preserve.from to the old root"
+        )));
+    };
+    let dev = &sys.slot(p).dev.path;
+    match TempMount::ext4(dev, Access::ReadOnly) {
+        Ok(m) => Ok(Ok(OldRoot {
+            path: m.path().to_path_buf(),
+            what: format!("slot {p} (primary, mounted read-only)"),
+            _mount: Some(m),
+        })),
+        Err(e) => Ok(Err(format!(
+            "rescue system: the primary slot {p} ({}) could not be mounted read-only ({e:#}); nothing read from it; set preserve.from to the old root",
+            dev.display()
+        ))),
+    }
+}
+
+/// The version recorded for the slot being replaced as the running one.
+pub fn old_version(sys: &System, target: SlotName) -> Result<Option<String>> {
+    let reference = match sys.booted {
+        Some(b) => Some(b),
+        None => sys.boot.backend.primary()?,
+    }
+    .filter(|r| *r != target);
+    let records = sys.records()?;
+    Ok(reference
+        .and_then(|r| records.get(r))
+        .filter(|r| r.content == Content::Installed)
+        .map(|r| r.version.clone()))
+}
+
+/// Whether the new root holds anything this module acts on.
+fn has_image_parts(new: &Tree) -> Result<bool> {
+    let lib = new.dir(Path::new("usr/lib/abup"), false)?;
+    Ok(match lib {
+        Some(fd) => {
+            let names = tree::list(fd.as_raw_fd()).context("listing /usr/lib/abup")?;
+            names
+                .iter()
+                .any(|n| n == "preserve.toml" || n == "migrate.d")
+        }
+        None => false,
+    })
+}
+
+/// The new root, mounted read-write: the writer's mount for tarballs; for a
+/// raw image, an ext4 mount when preserve rules need one or the image holds
+/// rules or migrations (probed read-only first, so that an image with
+/// neither is never mounted read-write).
+fn mount_new_root(
+    sys: &System,
+    target: SlotName,
+    mounted: Option<TempMount>,
+) -> Result<Option<TempMount>> {
+    if let Some(m) = mounted {
+        return Ok(Some(m));
+    }
+    let dev = &sys.slot(target).dev.path;
+    if sys.cfg.preserve.is_empty() {
+        let Ok(probe) = TempMount::ext4(dev, Access::ReadOnly) else {
+            return Ok(None);
+        };
+        let needed = has_image_parts(&Tree::open(probe.path(), "new root")?)?;
+        probe.unmount()?;
+        if !needed {
+            return Ok(None);
+        }
+    }
+    TempMount::ext4(dev, Access::ReadWrite)
+        .with_context(|| {
+            format!(
+                "mounting the new raw image on {} read-write to preserve files and run migrations (needs an ext4 image; empty the preserve rules to install others)",
+                dev.display()
+            )
+        })
+        .map(Some)
+}
+
+/// Reads the image's own preserve rules, if it has any.
+fn image_rules(new: &Tree) -> Result<Vec<Rule>> {
+    let path = Path::new(rules::IMAGE_RULES);
+    let Some(dir) = new.dir(path.parent().unwrap_or(Path::new("")), false)? else {
+        return Ok(Vec::new());
+    };
+    let name = path.file_name().unwrap_or_default();
+    let fd = match nix::fcntl::openat(
+        Some(dir.as_raw_fd()),
+        name,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(nix::errno::Errno::ENOENT) => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(e).with_context(|| format!("opening /{} in the new root", path.display()))
+        }
+    };
+    // SAFETY: a fresh descriptor.
+    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let mut text = String::new();
+    file.take(1 << 20)
+        .read_to_string(&mut text)
+        .with_context(|| format!("reading /{} in the new root", path.display()))?;
+    rules::parse_image_rules(&text)
+        .with_context(|| format!("the image's /{} (fix the image)", path.display()))
+}
+
+/// The install's `preserve` step. Returns the new root, still mounted, for
+/// the `migrate` step.
+pub fn preserve_step(
+    sys: &System,
+    target: SlotName,
+    mounted: Option<TempMount>,
+) -> Result<Done<Option<TempMount>>> {
+    let Some(new) = mount_new_root(sys, target, mounted)? else {
+        return Ok(Done::unchanged(
+            None,
+            "no preserve rules, and the raw image holds none (or is not ext4)",
+        ));
+    };
+    let new_tree = Tree::open(new.path(), "new root")?;
+    let from_image = image_rules(&new_tree)?;
+    let n_image = from_image.len();
+    let all: Vec<Rule> = from_image
+        .into_iter()
+        .chain(sys.cfg.preserve.iter().cloned())
+        .collect();
+    if all.is_empty() {
+        return Ok(Done::unchanged(Some(new), "no preserve rules"));
+    }
+    let old = match old_root(sys, target)? {
+        Ok(o) => o,
+        Err(why) => return Ok(Done::unchanged(Some(new), why)),
+    };
+    let old_tree = Tree::open(&old.path, "old root")?;
+    let out = preserve::apply(&all, &old_tree, &new_tree)?;
+    let mut comment = format!("copied {} path(s) from {}", out.copied.len(), old.what);
+    if !out.copied.is_empty() {
+        comment += &format!(": {}", out.copied.join(", "));
+    }
+    if n_image > 0 {
+        comment += &format!(" ({n_image} rule(s) from the image)");
+    }
+    if !out.kept_image.is_empty() {
+        comment += &format!("; the image's copy kept: {}", out.kept_image.join(", "));
+    }
+    if !out.missing.is_empty() {
+        comment += &format!("; skipped missing: {}", out.missing.join(", "));
+    }
+    crate::mount::sync_fs(new.path())?;
+    Ok(if out.entries == 0 {
+        Done::unchanged(Some(new), comment)
+    } else {
+        Done::changed(Some(new), comment)
+    })
+}
