@@ -11,16 +11,24 @@ use std::path::PathBuf;
 /// Installs a signed bundle into the spare root slot, then flips the
 /// bootloader to it as the last step. Exit codes: 0 success; 1 failed after
 /// writing began (booted slot and boot settings intact); 2 usage error;
-/// 3 refused before anything was written.
+/// 3 refused before anything was written; see the README for the others.
 #[derive(Parser, Debug)]
 #[command(name = "abup", version)]
 pub struct Cli {
     /// System config file.
     #[arg(long, global = true, env = "ABUP_CONFIG", default_value = crate::config::DEFAULT_CONFIG_PATH)]
     pub config: PathBuf,
-    /// Print machine-readable JSON on stdout (progress goes to stderr).
+    /// Print machine-readable JSON on stdout: for install, check and
+    /// apply-queued one JSON object per line (steps, progress, events),
+    /// ending with the run report; human lines go to stderr.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Say more: step durations, named events, progress lines every second.
+    #[arg(long, short, global = true, conflicts_with = "quiet")]
+    pub verbose: bool,
+    /// Say less: no step lines or progress, only the result and errors.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
     /// Treat this slot as the booted one instead of detecting it from
     /// /proc/cmdline and the device of / (for tests and special setups).
     #[arg(long, global = true, value_name = "A|B")]
@@ -38,17 +46,19 @@ pub enum Command {
     /// Mark a slot good after a healthy boot (default: the booted slot).
     MarkGood {
         /// booted, other, A or B.
-        #[arg(default_value = "booted")]
+        #[arg(default_value = "booted", value_parser = SLOT_ARGS, ignore_case = true)]
         slot: String,
     },
     /// Mark a slot bad: the bootloader will not boot it.
     MarkBad {
         /// booted, other, A or B.
+        #[arg(value_parser = SLOT_ARGS, ignore_case = true)]
         slot: String,
     },
     /// Make a slot primary with a fresh try counter.
     MarkActive {
         /// booted, other, A or B.
+        #[arg(value_parser = SLOT_ARGS, ignore_case = true)]
         slot: String,
     },
     /// Make the other slot primary again, if it holds a good install.
@@ -65,6 +75,53 @@ pub enum Command {
     /// Create or inspect bundles.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Run every check an install runs, without writing anything.
+    Check(CheckArgs),
+    /// Verify a bundle and stage it in the state directory, to be installed
+    /// by `apply-queued` (at start or before shutdown, see boot-backends/systemd).
+    Queue {
+        /// Bundle file, or - to read it from stdin.
+        bundle: PathBuf,
+    },
+    /// Install the queued bundle, if any; on failure it stays queued and is
+    /// tried again on the next call (exit 7 when nothing is queued).
+    ApplyQueued,
+    /// Show the last runs (install, check, queue, mark-*, rollback), oldest first.
+    History {
+        /// How many runs to show.
+        #[arg(default_value_t = 10)]
+        count: usize,
+    },
+    /// Show the named events of the last runs: pending, forcing, retrying,
+    /// updated, failed, booted-new-slot, marked-good, fell-back.
+    Events {
+        /// How many events to show.
+        #[arg(default_value_t = 20)]
+        count: usize,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff), or write one page per verb into a directory.
+    Manpage {
+        /// Directory to write abup.1 and abup-VERB.1 into.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
+}
+
+/// What a slot argument may be.
+pub const SLOT_ARGS: [&str; 4] = ["booted", "other", "A", "B"];
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// Bundle file, or - to read it from stdin.
+    pub bundle: PathBuf,
+    /// Check as if --allow-downgrade were given.
+    #[arg(long)]
+    pub allow_downgrade: bool,
+    /// The slot an install would write; required in a rescue system.
+    #[arg(long, value_name = "A|B")]
+    pub target_slot: Option<SlotName>,
 }
 
 #[derive(Args, Debug)]
@@ -129,4 +186,7 @@ pub struct CreateArgs {
     /// Output bundle file.
     #[arg(long, short)]
     pub output: PathBuf,
+    /// Replace the output file if it exists.
+    #[arg(long)]
+    pub force: bool,
 }

@@ -67,6 +67,11 @@ pub fn mark_bad(sys: &mut System, slot: SlotName) -> Result<String> {
 pub fn mark_active(sys: &mut System, slot: SlotName) -> Result<String> {
     refuse_incomplete(sys, slot)?;
     sys.backend().set_primary(slot)?;
+    sys.store.update(slot, |r| {
+        if let Some(r) = r {
+            r.inactive = false;
+        }
+    })?;
     Ok(format!("slot {slot} is now primary"))
 }
 
@@ -76,6 +81,7 @@ fn set_state(sys: &mut System, slot: SlotName, state: BootState) -> Result<()> {
     sys.store.update(slot, |r| {
         if let Some(r) = r {
             r.good = state == BootState::Good;
+            r.inactive = false;
         }
     })
 }

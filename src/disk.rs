@@ -193,6 +193,7 @@ impl Disk {
 fn detect_sector_size(path: &Path, is_block: bool) -> Result<u64> {
     if is_block {
         let name = sys_name(path)?;
+        refuse_partition(path, &name)?;
         let f = format!("/sys/class/block/{name}/queue/logical_block_size");
         let s = fs::read_to_string(&f).with_context(|| format!("reading {f}"))?;
         return s.trim().parse().with_context(|| format!("parsing {f}"));
@@ -214,6 +215,28 @@ fn detect_sector_size(path: &Path, is_block: bool) -> Result<u64> {
 }
 
 /// The kernel's name of a block device (`/dev/loop3` → `loop3`), following symlinks.
+/// disk.device must name the whole disk, not one of its partitions.
+fn refuse_partition(path: &Path, name: &str) -> Result<()> {
+    let sys = PathBuf::from("/sys/class/block").join(name);
+    if let Ok(n) = fs::read_to_string(sys.join("partition")) {
+        // The parent directory in sysfs is the whole disk.
+        let parent = fs::canonicalize(&sys)
+            .ok()
+            .and_then(|p| {
+                p.parent()
+                    .and_then(|d| d.file_name())
+                    .map(|d| d.to_string_lossy().into_owned())
+            })
+            .unwrap_or_else(|| "the disk".to_string());
+        bail!(
+            "disk.device {} is partition {} of /dev/{parent}, not a disk; set disk.device to the whole disk (/dev/{parent})",
+            path.display(),
+            n.trim()
+        );
+    }
+    Ok(())
+}
+
 fn sys_name(path: &Path) -> Result<String> {
     let real = fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
     real.file_name()

@@ -9,9 +9,9 @@
 use crate::bundle::manifest::{Manifest, Payload, PayloadKind, ROOTFS};
 use crate::bundle::reader::{
     open_bundle, payload_reader, read_header, read_trailer, BundleHeader, BundleStream,
-    PayloadReader, Verified,
 };
 use crate::config::SystemConfig;
+use crate::events::{EventName, Events};
 use crate::lock::RunLock;
 use crate::mount::TempMount;
 use crate::report::{Done, Reporter, StepKind::*};
@@ -36,6 +36,9 @@ pub struct InstallOptions {
     pub target: Option<SlotName>,
     /// Overrides booted-slot detection.
     pub booted: Option<SlotName>,
+    /// `abup check`: run every check, read the whole bundle against its
+    /// hashes, and write nothing (no lock file, no record, no history).
+    pub check_only: bool,
 }
 
 /// The validated decision of what to do, made before any write.
@@ -46,19 +49,40 @@ pub struct Plan {
     pub already_installed: bool,
 }
 
-/// Runs the install transaction, reporting each step to `rep`.
+/// Runs the install transaction, reporting each step to `rep`, and ends
+/// with the `updated` or `failed` event.
 pub fn install(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Result<()> {
+    let result = transaction(cfg_path, opts, rep);
+    let slot = rep.report.target_slot.clone();
+    match &result {
+        _ if opts.check_only => {}
+        Ok(()) => rep.event(EventName::Updated, slot, "install finished"),
+        Err(e) => rep.event(EventName::Failed, slot, format!("{e:#}")),
+    }
+    result
+}
+
+fn transaction(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Result<()> {
     let (cfg, _lock) = rep.step("load-config", Check, || {
         system::require_root("abup install")?;
         let cfg = SystemConfig::load(cfg_path)?;
+        if opts.check_only {
+            return Ok(Done::unchanged(
+                (cfg, None),
+                format!("read {}", cfg_path.display()),
+            ));
+        }
         let lock = RunLock::acquire(&cfg.state_dir, "install")?;
         let comment = format!(
             "read {}; holding {}",
             cfg_path.display(),
             lock.path.display()
         );
-        Ok(Done::unchanged((cfg, lock), comment))
+        Ok(Done::unchanged((cfg, Some(lock)), comment))
     })?;
+    if !opts.check_only {
+        rep.history_dir = Some(cfg.state_dir.clone());
+    }
     let (input, header) = rep.step("verify-bundle", Check, || {
         open_and_verify(&cfg, &opts.bundle)
     })?;
@@ -72,7 +96,19 @@ pub fn install(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
             .map_or("none (rescue system)".to_string(), |b| b.to_string());
         Ok(Done::unchanged(sys, format!("booted slot: {booted}")))
     })?;
+    rep.report.booted_slot = sys.booted.map(|b| b.to_string());
+    for e in crate::history::detect(&sys) {
+        rep.event(e.name, e.slot.clone(), e.message);
+    }
     let Input { reader, file_len } = input;
+    if opts.check_only {
+        let plan = rep.step("check", Check, || check(&sys, &header, opts, file_len))?;
+        rep.report.target_slot = Some(plan.target.to_string());
+        let events = rep.events.clone();
+        return rep.step("verify-payload", Check, || {
+            verify_payloads(reader, &header, &events)
+        });
+    }
     let (plan, rootfs) = rep.step("check", Check, || {
         let done = check(&sys, &header, opts, file_len)?;
         if done.value.already_installed {
@@ -97,13 +133,17 @@ pub fn install(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
     })?;
     rep.report.target_slot = Some(plan.target.to_string());
     let target = plan.target;
+    announce(rep, &plan, opts, &header);
 
     if let (false, Some(reader)) = (plan.already_installed, rootfs) {
         rep.step("mark-bad", Write, || mark_bad(&mut sys, target, &header))?;
         let payload = manifest.rootfs().clone();
+        let events = rep.events.clone();
         let (new_root, reader) = rep.step("write", Write, || {
             let mut reader = reader;
-            let done = write_payload(&sys, target, &payload, &mut reader)?;
+            let progress = events.progress("write", Some(payload.size));
+            let done = write_payload(&sys, target, &payload, &mut progress.reader(&mut reader))?;
+            progress.flush();
             Ok(Done {
                 value: (done.value, reader),
                 state: done.state,
@@ -129,7 +169,9 @@ pub fn install(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
         if let Some(m) = new_root {
             m.unmount()?;
         }
-        rep.step("record", Write, || record(&sys, target, &header))?;
+        rep.step("record", Write, || {
+            record(&sys, target, &header, opts.no_activate)
+        })?;
     } else {
         let why = format!(
             "slot {target} already holds bundle {} (version {}); pass --force to rewrite it",
@@ -148,7 +190,53 @@ pub fn install(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
         );
         return Ok(());
     }
-    rep.step("activate", Write, || activate(&mut sys, target))
+    rep.step("activate", Write, || activate(&mut sys, target))?;
+    rep.report.activated_slot = Some(target.to_string());
+    Ok(())
+}
+
+/// `abup check`: every chunk of every payload, the decompressed sizes and
+/// hashes and the end marker, read and checked; nothing written.
+fn verify_payloads(
+    reader: BundleStream,
+    header: &BundleHeader,
+    events: &Events,
+) -> Result<Done<()>> {
+    let stored: u64 = header.manifest.payloads.iter().map(|p| p.stored_size).sum();
+    let progress = events.progress("verify-payload", Some(stored));
+    crate::bundle::reader::check_payloads(&mut progress.reader(reader), header)?;
+    progress.flush();
+    Ok(Done::unchanged(
+        (),
+        format!(
+            "{stored} stored bytes matched the signed hash lists, sizes and hashes as declared; nothing written"
+        ),
+    ))
+}
+
+/// The `pending` event, and `forcing` when a policy is overridden.
+fn announce(rep: &mut Reporter, plan: &Plan, opts: &InstallOptions, header: &BundleHeader) {
+    let slot = Some(plan.target.to_string());
+    let v = &header.manifest.version;
+    rep.event(
+        EventName::Pending,
+        slot.clone(),
+        format!("installing version {v} into slot {}", plan.target),
+    );
+    if opts.force && !plan.already_installed {
+        rep.event(
+            EventName::Forcing,
+            slot.clone(),
+            "--force: rewriting the slot whatever it holds",
+        );
+    }
+    if opts.allow_downgrade {
+        rep.event(
+            EventName::Forcing,
+            slot,
+            "--allow-downgrade: the version policy does not apply",
+        );
+    }
 }
 
 /// The bundle stream and how many bytes the file holds, when it is a file.
@@ -156,9 +244,6 @@ pub struct Input {
     reader: BundleStream,
     file_len: Option<u64>,
 }
-
-/// The rootfs payload's verified, decompressed bytes.
-type RootfsReader = PayloadReader<Verified<BundleStream>>;
 
 fn open_and_verify(cfg: &SystemConfig, bundle: &Path) -> Result<Done<(Input, BundleHeader)>> {
     let (reader, file_len) = open_bundle(bundle)?;
@@ -317,7 +402,7 @@ fn write_payload(
     sys: &System,
     target: SlotName,
     payload: &Payload,
-    reader: &mut RootfsReader,
+    reader: &mut dyn std::io::Read,
 ) -> Result<Done<Option<TempMount>>> {
     let dev = &sys.slot(target).dev.path;
     let start = std::time::Instant::now();
@@ -364,12 +449,21 @@ fn slot_record(header: &BundleHeader, content: Content) -> SlotRecord {
         bundle_sha256: header.bundle_sha256.clone(),
         installed_at: state::now(),
         good: false,
+        inactive: false,
     }
 }
 
-fn record(sys: &System, target: SlotName, header: &BundleHeader) -> Result<Done<()>> {
+fn record(
+    sys: &System,
+    target: SlotName,
+    header: &BundleHeader,
+    no_activate: bool,
+) -> Result<Done<()>> {
     sys.store.update(target, |r| {
-        *r = Some(slot_record(header, Content::Installed))
+        *r = Some(SlotRecord {
+            inactive: no_activate,
+            ..slot_record(header, Content::Installed)
+        })
     })?;
     Ok(Done::changed(
         (),

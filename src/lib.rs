@@ -15,13 +15,17 @@
 pub mod boot;
 pub mod bundle;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod control;
 pub mod disk;
+pub mod events;
+pub mod history;
 pub mod install;
 pub mod lock;
 pub mod migrate;
 pub mod mount;
+pub mod queue;
 pub mod report;
 pub mod slot;
 pub mod state;

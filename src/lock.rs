@@ -57,6 +57,46 @@ impl RunLock {
     }
 }
 
+/// A run holding the lock, as `status` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Running {
+    pub pid: u32,
+    /// What the holder wrote in the lock file (verb, step, since …).
+    pub info: String,
+}
+
+impl Running {
+    pub fn describe(&self) -> String {
+        format!("pid {}: {}", self.pid, self.info)
+    }
+}
+
+/// The run holding the lock in `state_dir`, if any. Reads `/proc/locks`
+/// instead of taking the lock, so that asking never makes a starting run
+/// fail, and so that it works without root.
+pub fn in_progress(state_dir: &Path) -> Option<Running> {
+    use std::os::unix::fs::MetadataExt;
+    let path = state_dir.join("lock");
+    let meta = std::fs::metadata(&path).ok()?;
+    let (major, minor) = (
+        nix::sys::stat::major(meta.dev()),
+        nix::sys::stat::minor(meta.dev()),
+    );
+    let want = format!("{major:02x}:{minor:02x}:{}", meta.ino());
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    let pid = locks.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"
+        (f.len() >= 6 && f[1] == "FLOCK" && f[5] == want)
+            .then(|| f[4].parse::<u32>().ok())
+            .flatten()
+    })?;
+    let info = std::fs::read_to_string(&path)
+        .map(|t| t.trim().to_string())
+        .unwrap_or_default();
+    Some(Running { pid, info })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,7 +113,11 @@ mod tests {
             err.contains(&format!("pid {} running install", std::process::id())),
             "{err}"
         );
+        let running = in_progress(dir.path()).expect("the held lock shows in /proc/locks");
+        assert_eq!(running.pid, std::process::id());
+        assert!(running.info.contains("install"), "{running:?}");
         drop(first);
+        assert!(in_progress(dir.path()).is_none());
         RunLock::acquire(dir.path(), "mark-good").unwrap();
     }
 }

@@ -1,15 +1,19 @@
 //! The run report: every step of a run ends `unchanged`, `changed` or
 //! `failed`, with a comment, like the update release runs users know from
-//! device clouds. Steps are printed as they run; the report is printed at the
-//! end, as a table or (with `--json`) as one JSON document on stdout.
+//! device clouds. Steps, progress and named events go through the event sink
+//! ([`crate::events`]) as they happen; the report is printed at the end, as a
+//! table or (with `--json`) as the last JSON line on stdout, and kept in the
+//! run history ([`crate::history`]).
 //!
 //! A failed step is attached to the error as [`StepFailed`], from which
 //! `main` derives the exit code: a failure before any write is a refusal.
 
+use crate::events::{Event, EventName, Events, NamedEvent, Verbosity};
 use anyhow::Result;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::Instant;
 
 /// Exit code: the run succeeded.
@@ -22,9 +26,11 @@ pub const EXIT_USAGE: i32 = 2;
 /// Exit code: refused before anything was written (bad bundle, bad config,
 /// failed sanity check).
 pub const EXIT_REFUSED: i32 = 3;
+/// Exit code: there was nothing to do (`apply-queued` with no queued bundle).
+pub const EXIT_NOTHING_TO_DO: i32 = 7;
 
 /// How a step ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StepState {
     /// Ran without error and changed nothing on the device.
@@ -55,7 +61,7 @@ pub enum StepKind {
 }
 
 /// One step's entry in the report.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StepReport {
     pub step: String,
     pub state: StepState,
@@ -63,8 +69,10 @@ pub struct StepReport {
     pub duration_ms: u64,
 }
 
-/// The whole run.
-#[derive(Clone, Debug, Default, Serialize)]
+/// The whole run. Fields after `exit_code` were added for the history;
+/// readers of the older report can ignore them.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RunReport {
     pub command: String,
     /// "success" or "failed".
@@ -81,6 +89,19 @@ pub struct RunReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub exit_code: i32,
+    /// Unix seconds when the run started.
+    pub started_at: u64,
+    /// How long the run took.
+    pub duration_ms: u64,
+    /// The slot the running system was booted from, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub booted_slot: Option<String>,
+    /// The slot this run made primary, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub activated_slot: Option<String>,
+    /// Named events of the run (pending, updated, fell-back …).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<NamedEvent>,
 }
 
 /// The value of a finished step, with how it ended.
@@ -131,33 +152,41 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
     }
 }
 
-/// Runs steps, prints them as they go, and collects the report.
+/// Runs steps, sends them to the event sink as they go, and collects the
+/// report.
 pub struct Reporter {
     pub report: RunReport,
+    /// Where everything the run says goes.
+    pub events: Events,
+    verbosity: Verbosity,
     json: bool,
     writes_started: bool,
+    started: Instant,
+    /// The state directory whose history keeps this run, once known.
+    pub history_dir: Option<PathBuf>,
 }
 
 impl Reporter {
-    /// `json`: progress goes to stderr and the final report is JSON on stdout.
-    pub fn new(command: &str, json: bool) -> Reporter {
+    /// `json`: the final report is the last JSON line on stdout.
+    pub fn new(command: &str, events: Events, json: bool, verbosity: Verbosity) -> Reporter {
         Reporter {
             report: RunReport {
                 command: command.to_string(),
+                started_at: crate::state::now(),
                 ..RunReport::default()
             },
+            events,
+            verbosity,
             json,
             writes_started: false,
+            started: Instant::now(),
+            history_dir: None,
         }
     }
 
-    fn progress(&self, line: &str) {
-        // Progress is best effort: a closed pipe must not fail the install.
-        if self.json {
-            let _ = writeln!(std::io::stderr(), "{line}");
-        } else {
-            let _ = writeln!(std::io::stdout(), "{line}");
-        }
+    /// A reporter that prints nothing (library use, tests).
+    pub fn silent(command: &str) -> Reporter {
+        Reporter::new(command, Events::silent(), false, Verbosity::Quiet)
     }
 
     /// Runs one named step.
@@ -170,50 +199,58 @@ impl Reporter {
         if kind == StepKind::Write {
             self.writes_started = true;
         }
-        self.progress(&format!("==> {name}"));
+        self.events.emit(&Event::StepStarted {
+            step: name,
+            time: crate::state::now(),
+        });
         let start = Instant::now();
         let result = f();
         let duration_ms = start.elapsed().as_millis() as u64;
-        match result {
-            Ok(done) => {
-                self.progress(&format!("    {}: {}", done.state, done.comment));
-                self.report.steps.push(StepReport {
-                    step: name.to_string(),
-                    state: done.state,
-                    comment: done.comment,
-                    duration_ms,
-                });
-                Ok(done.value)
-            }
-            Err(e) => {
-                let msg = format!("{e:#}");
-                self.progress(&format!("    failed: {msg}"));
-                self.report.steps.push(StepReport {
-                    step: name.to_string(),
-                    state: StepState::Failed,
-                    comment: msg,
-                    duration_ms,
-                });
-                Err(e.context(StepFailed {
-                    step: name.to_string(),
-                    refused: !self.writes_started,
-                }))
-            }
-        }
+        let (state, comment, value) = match result {
+            Ok(done) => (done.state, done.comment, Ok(done.value)),
+            Err(e) => (StepState::Failed, format!("{e:#}"), Err(e)),
+        };
+        self.events.emit(&Event::StepFinished {
+            step: name,
+            state,
+            comment: &comment,
+            duration_ms,
+        });
+        self.report.steps.push(StepReport {
+            step: name.to_string(),
+            state,
+            comment,
+            duration_ms,
+        });
+        value.map_err(|e| {
+            e.context(StepFailed {
+                step: name.to_string(),
+                refused: !self.writes_started,
+            })
+        })
     }
 
     /// Records a step that was not needed, as unchanged.
     pub fn skip(&mut self, name: &str, comment: &str) {
-        self.progress(&format!("==> {name}\n    unchanged: {comment}"));
-        self.report.steps.push(StepReport {
-            step: name.to_string(),
-            state: StepState::Unchanged,
-            comment: comment.to_string(),
-            duration_ms: 0,
-        });
+        self.step(name, StepKind::Check, || Ok(Done::unchanged((), comment)))
+            .unwrap_or_default();
     }
 
-    /// Closes the report with the run's outcome and prints it.
+    /// Records and emits a named event.
+    pub fn event(&mut self, name: EventName, slot: Option<String>, message: impl Into<String>) {
+        let e = NamedEvent {
+            name,
+            time: crate::state::now(),
+            slot,
+            version: self.report.version.clone(),
+            message: message.into(),
+        };
+        self.events.emit(&Event::Event(&e));
+        self.report.events.push(e);
+    }
+
+    /// Closes the report with the run's outcome, prints it, and keeps it in
+    /// the history when the state directory is known.
     pub fn finish(&mut self, outcome: &Result<()>) {
         match outcome {
             Ok(()) => {
@@ -227,12 +264,23 @@ impl Reporter {
                 self.report.error = Some(format!("{e:#}"));
             }
         }
-        let out = if self.json {
-            serde_json::to_string_pretty(&self.report).unwrap_or_default()
-        } else {
-            self.table()
-        };
-        let _ = writeln!(std::io::stdout(), "{out}");
+        self.report.duration_ms = self.started.elapsed().as_millis() as u64;
+        if let Some(dir) = &self.history_dir {
+            if let Err(e) = crate::history::append(dir, &self.report) {
+                // The run itself is done; losing its history entry must not
+                // change its outcome.
+                let _ = writeln!(std::io::stderr(), "warning: {e:#}");
+            }
+        }
+        self.events.emit(&Event::Report(&self.report));
+        if !self.json {
+            let table = self.table();
+            let out = match self.verbosity {
+                Verbosity::Quiet => table.lines().last().unwrap_or_default().to_string(),
+                _ => table,
+            };
+            let _ = writeln!(std::io::stdout(), "{out}");
+        }
     }
 
     fn table(&self) -> String {
@@ -273,7 +321,7 @@ mod tests {
 
     #[test]
     fn failure_before_writes_is_a_refusal_and_after_is_not() {
-        let mut r = Reporter::new("install", true);
+        let mut r = Reporter::silent("install");
         r.step("check", StepKind::Check, || Ok(Done::unchanged((), "ok")))
             .unwrap();
         let e = r
@@ -282,7 +330,7 @@ mod tests {
         assert_eq!(exit_code(&e), EXIT_REFUSED);
         assert_eq!(format!("{e:#}"), "verify: bad signature");
 
-        let mut r = Reporter::new("install", true);
+        let mut r = Reporter::silent("install");
         r.step("mark-bad", StepKind::Write, || Ok(Done::changed((), "x")))
             .unwrap();
         let e = r

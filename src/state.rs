@@ -38,6 +38,10 @@ pub struct SlotRecord {
     pub installed_at: u64,
     /// Set by `mark-good` after a healthy boot; cleared by a new install.
     pub good: bool,
+    /// Installed with `--no-activate` and not made bootable since: status
+    /// shows `inactive`, not `bad`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inactive: bool,
 }
 
 /// Records of both slots.
@@ -146,6 +150,7 @@ mod tests {
             bundle_sha256: "ab".repeat(32),
             installed_at: 7,
             good: false,
+            inactive: false,
         };
         store
             .update(SlotName::B, |r| *r = Some(rec.clone()))

@@ -103,7 +103,7 @@ impl System {
                     state: slot_state(
                         info.ok,
                         self.booted == Some(s.name),
-                        rec.map(|r| (r.content, r.good)),
+                        rec.map(|r| (r.content, r.good && !r.inactive, r.inactive)),
                     ),
                     version: complete.map(|r| r.version.clone()),
                     bundle_sha256: complete.map(|r| r.bundle_sha256.clone()),
@@ -136,15 +136,21 @@ impl System {
 ///
 /// - `empty`: no known complete install (never installed, or an install was
 ///   interrupted) and not booted.
+/// - `inactive`: installed with `--no-activate`, not made bootable since.
 /// - `bad`: holds an install the bootloader will not boot.
 /// - `trying`: activated by an install, not yet blessed by `mark-good`.
 /// - `good`: bootable and blessed (or installed before abup kept records).
-pub fn slot_state(bootable: bool, booted: bool, record: Option<(Content, bool)>) -> &'static str {
+pub fn slot_state(
+    bootable: bool,
+    booted: bool,
+    record: Option<(Content, bool, bool)>,
+) -> &'static str {
     match record {
-        Some((Content::Incomplete, _)) => "empty",
+        Some((Content::Incomplete, _, _)) => "empty",
+        Some((Content::Installed, _, true)) if !bootable => "inactive",
         None if !bootable && !booted => "empty",
         _ if !bootable => "bad",
-        Some((Content::Installed, false)) => "trying",
+        Some((Content::Installed, false, _)) => "trying",
         _ => "good",
     }
 }
@@ -212,9 +218,25 @@ mod tests {
         assert_eq!(slot_state(false, false, None), "empty");
         assert_eq!(slot_state(true, true, None), "good");
         assert_eq!(slot_state(false, true, None), "bad");
-        assert_eq!(slot_state(true, false, Some((Incomplete, false))), "empty");
-        assert_eq!(slot_state(true, false, Some((Installed, false))), "trying");
-        assert_eq!(slot_state(true, false, Some((Installed, true))), "good");
-        assert_eq!(slot_state(false, false, Some((Installed, true))), "bad");
+        assert_eq!(
+            slot_state(true, false, Some((Incomplete, false, false))),
+            "empty"
+        );
+        assert_eq!(
+            slot_state(true, false, Some((Installed, false, false))),
+            "trying"
+        );
+        assert_eq!(
+            slot_state(true, false, Some((Installed, true, false))),
+            "good"
+        );
+        assert_eq!(
+            slot_state(false, false, Some((Installed, true, false))),
+            "bad"
+        );
+        assert_eq!(
+            slot_state(false, false, Some((Installed, false, true))),
+            "inactive"
+        );
     }
 }

@@ -20,3 +20,5 @@ mod migrate;
 mod slots;
 #[path = "it/util.rs"]
 mod util;
+#[path = "it/ux.rs"]
+mod ux;

@@ -12,6 +12,7 @@
 use super::manifest::{Compression, Manifest, Payload, PayloadKind, MANIFEST_FORMAT, ROOTFS};
 use super::reader::{ChunkHasher, Layout, SignatureInfo};
 use super::{CONTAINER_VERSION, DEFAULT_CHUNK_SIZE, MAGIC, TRAILER};
+use crate::events::Progress;
 use crate::write::pax::TarReader;
 use crate::write::tar::{plan, Action};
 use anyhow::{bail, ensure, Context, Result};
@@ -96,6 +97,8 @@ pub struct CreateOptions {
     pub description: Option<String>,
     /// zstd level (1 to 22) when `compression` is zstd.
     pub zstd_level: i32,
+    /// Told the source bytes read so far, against the source's size.
+    pub progress: Option<Progress>,
 }
 
 impl CreateOptions {
@@ -110,6 +113,7 @@ impl CreateOptions {
             signing_key: None,
             description: None,
             zstd_level: DEFAULT_ZSTD_LEVEL,
+            progress: None,
         }
     }
 }
@@ -306,20 +310,27 @@ fn build_payload(opts: &CreateOptions, dest: &mut File, dest_path: &Path) -> Res
         hasher: ChunkHasher::new(DEFAULT_CHUNK_SIZE),
     };
     let mut enc = Encoder::new(opts.compression, opts.zstd_level, sink)?;
+    let progress = opts.progress.clone().unwrap_or_else(Progress::none);
     let (summary, installed_size) = match &opts.source {
         Source::Dir(dir) => {
-            let (s, installed) = pack_dir(dir, &mut enc)?;
+            progress.set_total(Some(tree_size(dir)));
+            let (s, installed) = pack_dir(dir, &mut enc, &progress)?;
             (s, Some(installed))
         }
         Source::Tarball(path) => {
             let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-            let reader = open_maybe_compressed(file)?;
+            progress.set_total(file.metadata().ok().map(|m| m.len()));
+            let reader = open_maybe_compressed(progress.reader(file))?;
             let (s, installed) = tee_tar(reader, &mut enc)?;
             (s, Some(installed))
         }
         Source::RawImage(path) => {
             let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-            let mut tee = Tee::new(BufReader::with_capacity(IO_BUFFER, file), &mut enc);
+            progress.set_total(file.metadata().ok().map(|m| m.len()));
+            let mut tee = Tee::new(
+                BufReader::with_capacity(IO_BUFFER, progress.reader(file)),
+                &mut enc,
+            );
             drain(&mut tee).with_context(|| format!("reading {}", path.display()))?;
             (tee.summary(), None)
         }
@@ -328,6 +339,7 @@ fn build_payload(opts: &CreateOptions, dest: &mut File, dest_path: &Path) -> Res
     sink.inner
         .flush()
         .with_context(|| format!("writing {}", dest_path.display()))?;
+    progress.flush();
     let stored_size = sink.hasher.total();
     let (hash_list, chunk_hashes) = sink.hasher.finish();
     Ok(Built {
@@ -344,7 +356,7 @@ fn build_payload(opts: &CreateOptions, dest: &mut File, dest_path: &Path) -> Res
 type Summary = (u64, String);
 
 /// Packs `dir` with GNU tar, streaming its stdout through [`tee_tar`].
-fn pack_dir<W: Write>(dir: &Path, out: &mut W) -> Result<(Summary, u64)> {
+fn pack_dir<W: Write>(dir: &Path, out: &mut W, progress: &Progress) -> Result<(Summary, u64)> {
     let mut directory = OsString::from("--directory=");
     directory.push(dir);
     let mut cmd = Command::new("tar");
@@ -375,7 +387,10 @@ fn pack_dir<W: Write>(dir: &Path, out: &mut W) -> Result<(Summary, u64)> {
         let _ = stderr.read_to_string(&mut text);
         text
     });
-    let result = tee_tar(BufReader::with_capacity(IO_BUFFER, stdout), out);
+    let result = tee_tar(
+        BufReader::with_capacity(IO_BUFFER, progress.reader(stdout)),
+        out,
+    );
     if result.is_err() {
         // tar may be blocked writing to us; it has nothing more to say.
         let _ = child.kill();
@@ -397,8 +412,30 @@ fn pack_dir<W: Write>(dir: &Path, out: &mut W) -> Result<(Summary, u64)> {
     Ok(result)
 }
 
+/// About the size of the tar stream of `dir` (file data plus a 512-byte
+/// header per entry), for progress; unreadable entries count as nothing.
+fn tree_size(dir: &Path) -> u64 {
+    let mut total = 1024;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(meta) = e.metadata() else { continue };
+            total += 512;
+            if meta.is_dir() {
+                stack.push(e.path());
+            } else if meta.is_file() {
+                total += meta.len().div_ceil(512) * 512;
+            }
+        }
+    }
+    total
+}
+
 /// Opens a tarball that may be gzip or zstd compressed.
-fn open_maybe_compressed(file: File) -> Result<Box<dyn Read>> {
+fn open_maybe_compressed<R: Read + 'static>(file: R) -> Result<Box<dyn Read>> {
     let mut reader = BufReader::with_capacity(IO_BUFFER, file);
     let head = reader.fill_buf().context("reading the tarball")?;
     if head.starts_with(&[0x1f, 0x8b]) {

@@ -85,7 +85,9 @@ fn mark_good_mark_bad_mark_active_and_rollback_round_trip() {
     // Bad slot names and "booted" without a booted slot are usage errors
     // that change nothing.
     let before = env.snapshot();
-    env.abup(&["mark-bad", "C"]).failed(3, &["C"]);
+    let bad = env.abup(&["mark-bad", "C"]);
+    assert_eq!(bad.code, 2, "a bad slot name is a usage error:\n{bad}");
+    assert!(bad.stderr.contains("'C'"), "{bad}");
     env.abup(&["mark-good"]).failed(3, &["--booted-slot"]);
     env.assert_untouched(&before);
 }

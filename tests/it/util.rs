@@ -579,10 +579,16 @@ impl Run {
         self
     }
 
-    /// Stdout parsed as one JSON document.
+    /// Stdout parsed as one JSON document, or for the verbs that stream
+    /// JSON lines (install, check, queue, apply-queued), its last line: the
+    /// run report.
     #[track_caller]
     pub fn json(&self) -> Value {
         serde_json::from_str(&self.stdout)
+            .or_else(|e| {
+                let last = self.stdout.lines().rev().find(|l| !l.trim().is_empty());
+                last.map_or(Err(e), serde_json::from_str)
+            })
             .unwrap_or_else(|e| panic!("stdout of abup {:?} is not JSON ({e}):\n{self}", self.args))
     }
 
