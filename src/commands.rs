@@ -107,7 +107,7 @@ fn control_run(
     system::require_root("changing boot settings")?;
     let cfg = SystemConfig::load(&cli.config)?;
     let state_dir = cfg.state_dir.clone();
-    let _lock = RunLock::acquire(&state_dir, verb)?;
+    let _lock = RunLock::acquire(&cfg, verb)?;
     let mut sys = System::open(cfg, cli.booted_slot)?;
     let slot = sys.resolve(which)?;
     let mut rec = RunReport {
@@ -118,7 +118,7 @@ fn control_run(
         ..RunReport::default()
     };
     let start = std::time::Instant::now();
-    let result = f(&mut sys, slot);
+    let result = f(&mut sys, slot).map_err(report::flip_outcome);
     let slot = match verb {
         "rollback" => slot.other(),
         _ => slot,
@@ -160,7 +160,7 @@ fn control_run(
         }
     }
     if let Err(e) = history::append(&state_dir, &rec) {
-        eprintln!("warning: {e:#}");
+        crate::errln!("warning: {e:#}");
     }
     let msg = result?;
     say(cli, verb, Some(slot), &msg);
@@ -171,9 +171,9 @@ fn control_run(
 fn say(cli: &Cli, action: &str, slot: Option<SlotName>, msg: &str) {
     if cli.json {
         let v = serde_json::json!({ "action": action, "slot": slot, "result": "success", "message": msg });
-        println!("{v}");
+        crate::outln!("{v}");
     } else if !cli.quiet {
-        println!("{msg}");
+        crate::outln!("{msg}");
     }
 }
 
@@ -193,16 +193,35 @@ fn status(cli: &Cli) -> Result<i32> {
         Some(st) => serde_json::to_value(st)?,
         None => limited_status(&cfg),
     };
-    let running = crate::lock::in_progress(&state_dir);
-    let last = history::load(&state_dir)
+    let running = crate::lock::running(&cfg.disk);
+    let mut last = history::load(&state_dir)
         .ok()
         .and_then(|runs| runs.into_iter().last());
+    // A run killed (or cut off by a power loss) wrote no history: its
+    // last-run record still says running while no process holds the lock.
+    if let Some(killed) = crate::runlog::load(&state_dir).filter(|r| {
+        r.result == "running"
+            && running.is_none()
+            && last.as_ref().is_none_or(|l| l.started_at <= r.started_at)
+    }) {
+        last = Some(RunReport {
+            command: killed.verb.clone(),
+            result: "did-not-finish".into(),
+            started_at: killed.started_at,
+            failed_step: Some(killed.step.clone()),
+            error: Some(format!(
+                "did not finish: killed or lost power during step {}",
+                killed.step
+            )),
+            ..RunReport::default()
+        });
+    }
     if let Some(obj) = v.as_object_mut() {
         obj.insert("run_in_progress".into(), serde_json::to_value(&running)?);
         obj.insert("last_run".into(), last_run_json(last.as_ref()));
     }
     if cli.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(report::EXIT_OK);
     }
     let mut out = match &st {
@@ -210,21 +229,28 @@ fn status(cli: &Cli) -> Result<i32> {
         None => format_limited(&v),
     };
     out += &match &running {
-        Some(r) => format!("running:    {}\n", r.describe()),
+        Some(r) => format!("running:    {r}\n"),
         None => "running:    no abup run in progress\n".to_string(),
     };
     out += &match &last {
         Some(r) => format!(
-            "last run:   {} {} at {} UTC (exit {}){}\n",
+            "last run:   {} {}{} at {} UTC{}{}\n",
             r.command,
             r.result,
+            r.signal
+                .as_ref()
+                .map_or(String::new(), |s| format!(" ({s})")),
             history::utc(r.started_at),
-            r.exit_code,
+            if r.result == "did-not-finish" {
+                String::new()
+            } else {
+                format!(" (exit {})", r.exit_code)
+            },
             r.error.as_ref().map_or(String::new(), |e| format!(": {e}"))
         ),
         None => "last run:   none recorded\n".to_string(),
     };
-    print!("{out}");
+    crate::out!("{out}");
     Ok(report::EXIT_OK)
 }
 
@@ -234,6 +260,7 @@ fn last_run_json(r: Option<&RunReport>) -> serde_json::Value {
             "command": r.command,
             "result": r.result,
             "exit_code": r.exit_code,
+            "signal": r.signal,
             "started_at": r.started_at,
             "duration_ms": r.duration_ms,
             "version": r.version,
@@ -300,9 +327,9 @@ fn history_verb(cli: &Cli, count: usize) -> Result<i32> {
     let runs = history::load(&cfg.state_dir)?;
     let runs = &runs[runs.len().saturating_sub(count)..];
     if cli.json {
-        println!("{}", serde_json::to_string_pretty(runs)?);
+        crate::outln!("{}", serde_json::to_string_pretty(runs)?);
     } else {
-        print!("{}", history::format_runs(runs));
+        crate::out!("{}", history::format_runs(runs));
     }
     Ok(report::EXIT_OK)
 }
@@ -323,9 +350,9 @@ fn events_verb(cli: &Cli, count: usize) -> Result<i32> {
                 v
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        print!("{}", history::format_events(events));
+        crate::out!("{}", history::format_events(events));
     }
     Ok(report::EXIT_OK)
 }
@@ -362,7 +389,7 @@ fn apply_queued(cli: &Cli) -> Result<i32> {
     let cfg = SystemConfig::load(&cli.config)?;
     let Some(q) = queue::Queued::load(&cfg.state_dir)? else {
         if !cli.quiet {
-            eprintln!("nothing queued in {}", cfg.state_dir.display());
+            crate::errln!("nothing queued in {}", cfg.state_dir.display());
         }
         return Ok(report::EXIT_NOTHING_TO_DO);
     };
@@ -417,10 +444,10 @@ fn bundle_create(cli: &Cli, a: &cli::CreateArgs) -> Result<i32> {
         duration_ms: start.elapsed().as_millis() as u64,
     });
     if cli.json {
-        println!("{}", serde_json::to_string(&m)?);
+        crate::outln!("{}", serde_json::to_string(&m)?);
     } else {
         let p = m.rootfs();
-        println!(
+        crate::outln!(
             "wrote {}: version {} for {:?}, {} payload ({}), {} bytes stored{}",
             a.output.display(),
             m.version,
@@ -462,18 +489,18 @@ fn bundle_info(cli: &Cli, path: &Path, keys: &[PathBuf]) -> Result<i32> {
             "manifest": h.manifest,
             "layout": h.layout.to_json(&h.manifest),
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         let m = &h.manifest;
-        println!("bundle:     {}", path.display());
-        println!("sha256:     {}", h.bundle_sha256);
-        println!("format:     {}", m.format);
-        println!("compatible: {}", m.compatible);
-        println!("version:    {}", m.version);
+        crate::outln!("bundle:     {}", path.display());
+        crate::outln!("sha256:     {}", h.bundle_sha256);
+        crate::outln!("format:     {}", m.format);
+        crate::outln!("compatible: {}", m.compatible);
+        crate::outln!("version:    {}", m.version);
         if let Some(d) = &m.description {
-            println!("description: {d}");
+            crate::outln!("description: {d}");
         }
-        println!(
+        crate::outln!(
             "signed by:  {}{}",
             signed_by.as_deref().unwrap_or("nobody (unsigned)"),
             if verified.is_some() {
@@ -483,7 +510,7 @@ fn bundle_info(cli: &Cli, path: &Path, keys: &[PathBuf]) -> Result<i32> {
             }
         );
         for p in &m.payloads {
-            println!(
+            crate::outln!(
                 "payload {}: {} ({}), {} bytes, sha256 {}; stored {} bytes in {} chunks of {}",
                 p.name,
                 p.kind,

@@ -46,6 +46,15 @@ pub fn format_status(st: &Status) -> String {
             out += &format!("  tries left: {t}\n");
         }
     }
+    if let Some(r) = &st.running {
+        out += &format!("run in progress: {r}\n");
+    }
+    if let Some(l) = &st.last_run {
+        out += &format!(
+            "last run: {}\n",
+            crate::runlog::describe(l, st.running.is_some())
+        );
+    }
     out
 }
 

@@ -14,7 +14,7 @@ use crate::config::SystemConfig;
 use crate::events::{EventName, Events};
 use crate::lock::RunLock;
 use crate::mount::TempMount;
-use crate::report::{Done, Reporter, StepKind::*};
+use crate::report::{Done, FlipUnconfirmed, Reporter, StepKind::*};
 use crate::slot::SlotName;
 use crate::state::{self, Content, SlotRecord};
 use crate::system::{self, System};
@@ -72,7 +72,7 @@ fn transaction(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
                 format!("read {}", cfg_path.display()),
             ));
         }
-        let lock = RunLock::acquire(&cfg.state_dir, "install")?;
+        let lock = RunLock::acquire(&cfg, "install")?;
         let comment = format!(
             "read {}; holding {}",
             cfg_path.display(),
@@ -246,6 +246,10 @@ pub struct Input {
 }
 
 fn open_and_verify(cfg: &SystemConfig, bundle: &Path) -> Result<Done<(Input, BundleHeader)>> {
+    if bundle != Path::new("-") {
+        // The input survives a lost terminal: finish rather than stop.
+        crate::signal::complete_on_hangup();
+    }
     let (reader, file_len) = open_bundle(bundle)?;
     let mut input = Input { reader, file_len };
     let header = read_header(&mut input.reader)
@@ -450,6 +454,7 @@ fn slot_record(header: &BundleHeader, content: Content) -> SlotRecord {
         installed_at: state::now(),
         good: false,
         inactive: false,
+        extra: Default::default(),
     }
 }
 
@@ -474,10 +479,22 @@ fn record(
     ))
 }
 
-/// The flip: makes `target` primary with a fresh try counter.
+/// The flip: makes `target` primary with a fresh try counter. Once begun it
+/// completes (signals no longer stop the run); an error once the new
+/// settings may be in place is reported as [`FlipUnconfirmed`].
 fn activate(sys: &mut System, target: SlotName) -> Result<Done<()>> {
     let before = (sys.boot.backend.primary()?, sys.boot.backend.state(target)?);
-    sys.backend().set_primary(target)?;
+    crate::signal::flip_begun();
+    if let Err(e) = sys.backend().set_primary(target) {
+        let now = sys.boot.backend.primary().ok().flatten();
+        let flipped = e.downcast_ref::<crate::util::Replaced>().is_some()
+            || (now == Some(target) && before.0 != Some(target));
+        return Err(if flipped {
+            e.context(FlipUnconfirmed)
+        } else {
+            e
+        });
+    }
     let after = (sys.boot.backend.primary()?, sys.boot.backend.state(target)?);
     let tries = after
         .1

@@ -11,6 +11,9 @@
 //!   chosen once from the config.
 //! - [`state`] records what each slot holds, so `status` tells the truth.
 //! - [`report`] is the run report: every step ends unchanged, changed or failed.
+//! - [`mount`], [`lock`], [`signal`] and [`runlog`] make a run safe to kill:
+//!   a private mount namespace and self-detaching loop devices, one run per
+//!   disk, signals that stop at safe points, and a record of how it ended.
 
 pub mod boot;
 pub mod bundle;
@@ -20,6 +23,7 @@ pub mod config;
 pub mod control;
 pub mod disk;
 pub mod events;
+pub mod failpoint;
 pub mod history;
 pub mod install;
 pub mod lock;
@@ -27,6 +31,8 @@ pub mod migrate;
 pub mod mount;
 pub mod queue;
 pub mod report;
+pub mod runlog;
+pub mod signal;
 pub mod slot;
 pub mod state;
 pub mod system;

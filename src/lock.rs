@@ -1,123 +1,286 @@
-//! One abup run at a time per device.
+//! One abup run at a time per disk, and what the running one is doing.
 //!
 //! Runs that change slots or boot settings (install, mark-*, rollback) hold
-//! an exclusive `flock` on `lock` in the state directory for their whole
-//! duration. The kernel drops the lock when the holder exits, however it
-//! exits, so a crashed run never leaves a stale lock behind. The file holds
-//! the holder's pid and verb, so a refused run can say who is running.
+//! an exclusive `flock` for their whole duration on a lock file named after
+//! the disk itself, `/run/abup/disk-<id>.lock`: the device number of a block
+//! device, or the device and inode of a disk-image file (a loop device
+//! counts as the file behind it). Two configs naming the same disk, whatever
+//! their state directories, take the same lock, so exactly one proceeds. The
+//! state directory's `lock` is taken as well, so two disks sharing one state
+//! directory cannot mix their records either.
+//!
+//! The kernel drops a lock when its holder exits, however it exits, so a
+//! crashed run never leaves a stale lock behind. The disk lock file holds the
+//! holder's pid, verb, current step and start time as one JSON line, kept
+//! current at every step: a refused run names the holder, and `status`
+//! shows the run in progress ([`running`]).
 
-use anyhow::{bail, Context, Result};
+use crate::config::SystemConfig;
+use anyhow::{Context, Result};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
-use std::fs::{File, OpenOptions};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// What a run holding the lock is doing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub pid: u32,
+    pub verb: String,
+    pub step: String,
+    /// Unix seconds when the run took the lock.
+    pub since: u64,
+}
+
+impl fmt::Display for RunInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "pid {}, {}, step {}, since {}",
+            self.pid,
+            self.verb,
+            self.step,
+            crate::runlog::utc(self.since)
+        )
+    }
+}
+
+/// Another run holds the lock: the run was refused before any write.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub path: PathBuf,
+    pub holder: Option<RunInfo>,
+}
+
+impl fmt::Display for Held {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let holder = self
+            .holder
+            .as_ref()
+            .map_or("holder unknown".to_string(), |h| h.to_string());
+        write!(
+            f,
+            "another abup run holds {} ({holder}); wait for it to finish, then run this again",
+            self.path.display()
+        )
+    }
+}
+
+impl std::error::Error for Held {}
 
 /// Held while a run may change the device; released on drop.
 pub struct RunLock {
-    _lock: Flock<File>,
+    _disk: Flock<File>,
+    _state: Flock<File>,
+    /// The disk lock file.
     pub path: PathBuf,
 }
 
+/// The running process's lock file and info, so steps can be noted.
+static CURRENT: Mutex<Option<(File, RunInfo)>> = Mutex::new(None);
+
 impl RunLock {
-    /// Takes the lock in `state_dir` for `verb`, or refuses at once if
-    /// another run holds it.
-    pub fn acquire(state_dir: &Path, verb: &str) -> Result<RunLock> {
-        std::fs::create_dir_all(state_dir)
-            .with_context(|| format!("creating state directory {}", state_dir.display()))?;
-        let path = state_dir.join("lock");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .with_context(|| format!("opening lock file {}", path.display()))?;
-        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(l) => l,
-            Err((mut file, Errno::EWOULDBLOCK)) => {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                let holder = holder.trim();
-                let holder = if holder.is_empty() { "unknown" } else { holder };
-                bail!(
-                    "another abup run holds {} ({holder}); wait for it to finish",
-                    path.display()
-                );
-            }
-            Err((_, e)) => {
-                return Err(e).with_context(|| format!("locking {}", path.display()));
-            }
+    /// Takes the lock on `cfg`'s disk (and state directory) for `verb`, or
+    /// refuses at once with [`Held`] if another run holds either.
+    pub fn acquire(cfg: &SystemConfig, verb: &str) -> Result<RunLock> {
+        let path = disk_lock_path(&cfg.disk)?;
+        let dir = Path::new(crate::mount::RUNTIME_DIR);
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut disk = lock(&path)?;
+        fs::create_dir_all(&cfg.state_dir)
+            .with_context(|| format!("creating state directory {}", cfg.state_dir.display()))?;
+        let state = lock(&cfg.state_dir.join("lock"))?;
+        let info = RunInfo {
+            pid: std::process::id(),
+            verb: verb.to_string(),
+            step: "start".to_string(),
+            since: crate::state::now(),
         };
-        lock.set_len(0)
-            .and_then(|_| lock.rewind())
-            .and_then(|_| writeln!(lock, "pid {} running {verb}", std::process::id()))
-            .with_context(|| format!("writing lock file {}", path.display()))?;
-        Ok(RunLock { _lock: lock, path })
+        write_info(&mut disk, &info).with_context(|| format!("writing {}", path.display()))?;
+        if let Ok(f) = disk.try_clone() {
+            *CURRENT.lock().unwrap_or_else(|e| e.into_inner()) = Some((f, info.clone()));
+        }
+        crate::runlog::started(&cfg.state_dir, &info);
+        Ok(RunLock {
+            _disk: disk,
+            _state: state,
+            path,
+        })
     }
 }
 
-/// A run holding the lock, as `status` shows it.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Running {
-    pub pid: u32,
-    /// What the holder wrote in the lock file (verb, step, since …).
-    pub info: String,
-}
-
-impl Running {
-    pub fn describe(&self) -> String {
-        format!("pid {}: {}", self.pid, self.info)
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        CURRENT.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 }
 
-/// The run holding the lock in `state_dir`, if any. Reads `/proc/locks`
-/// instead of taking the lock, so that asking never makes a starting run
-/// fail, and so that it works without root.
-pub fn in_progress(state_dir: &Path) -> Option<Running> {
-    use std::os::unix::fs::MetadataExt;
-    let path = state_dir.join("lock");
-    let meta = std::fs::metadata(&path).ok()?;
-    let (major, minor) = (
+/// Opens and locks `path` exclusively without waiting.
+fn lock(path: &Path) -> Result<Flock<File>> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("opening lock file {}", path.display()))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(l),
+        Err((mut file, Errno::EWOULDBLOCK)) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            Err(Held {
+                path: path.to_path_buf(),
+                holder: parse_info(&text),
+            }
+            .into())
+        }
+        Err((_, e)) => Err(e).with_context(|| format!("locking {}", path.display())),
+    }
+}
+
+fn parse_info(text: &str) -> Option<RunInfo> {
+    serde_json::from_str(text.trim()).ok()
+}
+
+fn write_info(f: &mut File, info: &RunInfo) -> std::io::Result<()> {
+    let line = serde_json::to_string(info).unwrap_or_default();
+    f.set_len(0)?;
+    f.rewind()?;
+    writeln!(f, "{line}")
+}
+
+/// Notes the step the running process is in, for `status` and for a run
+/// that is refused. Does nothing when no lock is held.
+pub fn note_step(step: &str) {
+    let mut cur = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((f, info)) = cur.as_mut() {
+        info.step = step.to_string();
+        let _ = write_info(f, info);
+    }
+    crate::runlog::note_step(step);
+}
+
+/// The lock file for the disk at `disk`: one per block device, or per
+/// disk-image file (a loop device counts as its backing file).
+pub fn disk_lock_path(disk: &Path) -> Result<PathBuf> {
+    let id = disk_id(disk)?;
+    Ok(Path::new(crate::mount::RUNTIME_DIR).join(format!("disk-{id}.lock")))
+}
+
+fn disk_id(disk: &Path) -> Result<String> {
+    let meta = fs::metadata(disk).with_context(|| {
+        format!(
+            "opening disk {}: check disk.device in the config",
+            disk.display()
+        )
+    })?;
+    if meta.file_type().is_block_device() {
+        let (major, minor) = (
+            nix::sys::stat::major(meta.rdev()),
+            nix::sys::stat::minor(meta.rdev()),
+        );
+        let backing = format!("/sys/dev/block/{major}:{minor}/loop/backing_file");
+        if let Ok(file) = fs::read_to_string(backing) {
+            if let Ok(m) = fs::metadata(file.trim()) {
+                return Ok(format!("file-{}-{}", m.dev(), m.ino()));
+            }
+        }
+        return Ok(format!("dev-{major}-{minor}"));
+    }
+    Ok(format!("file-{}-{}", meta.dev(), meta.ino()))
+}
+
+/// The run in progress on the disk at `disk`, if any: the lock file's info,
+/// when a process holds the lock (as `/proc/locks` shows; looking does not
+/// take the lock, so it never gets in a starting run's way).
+pub fn running(disk: &Path) -> Option<RunInfo> {
+    let path = disk_lock_path(disk).ok()?;
+    let meta = fs::metadata(&path).ok()?;
+    let locks = fs::read_to_string("/proc/locks").ok()?;
+    let want = format!(
+        "{:02x}:{:02x}:{}",
         nix::sys::stat::major(meta.dev()),
         nix::sys::stat::minor(meta.dev()),
+        meta.ino()
     );
-    let want = format!("{major:02x}:{minor:02x}:{}", meta.ino());
-    let locks = std::fs::read_to_string("/proc/locks").ok()?;
-    let pid = locks.lines().find_map(|l| {
+    let holder: u32 = locks.lines().find_map(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
-        // "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"
-        (f.len() >= 6 && f[1] == "FLOCK" && f[5] == want)
-            .then(|| f[4].parse::<u32>().ok())
+        // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
+        (f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&want.as_str()))
+            .then(|| f.get(4).and_then(|p| p.parse().ok()))
             .flatten()
     })?;
-    let info = std::fs::read_to_string(&path)
-        .map(|t| t.trim().to_string())
-        .unwrap_or_default();
-    Some(Running { pid, info })
+    let mut info = parse_info(&fs::read_to_string(&path).ok()?).unwrap_or(RunInfo {
+        pid: holder,
+        verb: "unknown".into(),
+        step: "unknown".into(),
+        since: 0,
+    });
+    info.pid = holder;
+    Some(info)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn config(dir: &Path, disk: &Path, state: &str) -> SystemConfig {
+        let text = format!(
+            r#"compatible = "c"
+state_dir = "{}"
+[disk]
+device = "{}"
+[slots.A]
+partlabel = "a"
+[slots.B]
+partlabel = "b"
+[boot]
+backend = "grub"
+[boot.grub]
+envfile = "{}"
+[keys]
+trusted = []
+"#,
+            dir.join(state).display(),
+            disk.display(),
+            dir.join("grubenv").display()
+        );
+        let p = dir.join(format!("{state}.toml"));
+        fs::write(&p, text).unwrap();
+        SystemConfig::load(&p).unwrap()
+    }
+
     #[test]
-    fn second_holder_is_refused_with_the_first_ones_pid_until_it_lets_go() {
+    fn one_disk_one_run_whatever_the_state_dir() {
         let dir = tempfile::tempdir().unwrap();
-        let first = RunLock::acquire(dir.path(), "install").unwrap();
-        let err = format!(
-            "{:#}",
-            RunLock::acquire(dir.path(), "mark-good").err().unwrap()
+        let disk = dir.path().join("disk.img");
+        fs::write(&disk, b"x").unwrap();
+        let a = config(dir.path(), &disk, "state-a");
+        let b = config(dir.path(), &disk, "state-b");
+        let first = RunLock::acquire(&a, "install").unwrap();
+        note_step("write");
+        let err = RunLock::acquire(&b, "mark").err().unwrap();
+        let held = err.downcast_ref::<Held>().expect("a Held error");
+        let holder = held.holder.as_ref().unwrap();
+        assert_eq!(holder.pid, std::process::id());
+        assert_eq!(holder.verb, "install");
+        assert_eq!(holder.step, "write");
+        let msg = format!("{err:#}");
+        assert!(msg.contains("install, step write"), "{msg}");
+        assert_eq!(crate::report::exit_code(&err), crate::report::EXIT_LOCKED);
+        let seen = running(&disk).expect("a run in progress");
+        assert_eq!(
+            (seen.pid, seen.verb.as_str()),
+            (std::process::id(), "install")
         );
-        assert!(
-            err.contains(&format!("pid {} running install", std::process::id())),
-            "{err}"
-        );
-        let running = in_progress(dir.path()).expect("the held lock shows in /proc/locks");
-        assert_eq!(running.pid, std::process::id());
-        assert!(running.info.contains("install"), "{running:?}");
         drop(first);
-        assert!(in_progress(dir.path()).is_none());
-        RunLock::acquire(dir.path(), "mark-good").unwrap();
+        assert_eq!(running(&disk), None);
+        RunLock::acquire(&b, "mark").unwrap();
     }
 }

@@ -1,4 +1,5 @@
-//! Temporary mounts and loop devices, both as RAII guards.
+//! Temporary mounts and loop devices, both as RAII guards, and the private
+//! mount namespace that makes sure neither outlives abup.
 //!
 //! abup mounts slots only for short, well-defined jobs: extracting a new root
 //! filesystem, copying preserved files across, reading an old slot. Each job
@@ -6,21 +7,124 @@
 //! an error path or a panic. [`LoopDevice`] does the same for disk-image files
 //! (tests, and installing onto an image instead of a real disk).
 //!
+//! Guards do not run when the process is killed, so every verb that mounts
+//! first calls [`enter_private_namespace`]: abup's mounts then live in a mount
+//! namespace of its own, invisible to the rest of the system, and the kernel
+//! unmounts them when the last process in it exits, however it exits. Loop
+//! devices are attached with `LO_FLAGS_AUTOCLEAR` and held open by their
+//! guard, so the kernel detaches them on last close (a mounted loop device
+//! keeps a reference until its mount, and so the namespace, is gone). Mount
+//! points live under [`RUNTIME_DIR`], in a directory per process; directories
+//! of processes that are gone are removed at the start of the next run.
+//!
 //! [`mount_point_of`] answers "is this block device mounted anywhere?", which
-//! the installer asks before it formats or overwrites a slot.
+//! the installer asks before it formats or overwrites a slot. It reads the
+//! mount table of the namespace abup was started in, not abup's own, so it
+//! sees the system's mounts and is not confused by abup's.
 
 use anyhow::{bail, Context, Result};
 use nix::mount::{MntFlags, MsFlags};
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::Duration;
 
-use crate::util::run;
+/// abup's runtime directory: mount points and run locks.
+pub const RUNTIME_DIR: &str = "/run/abup";
+
+/// `/proc/self/mountinfo` opened before unsharing: the kernel ties the open
+/// file to the namespace it was opened in, so reading it again later shows
+/// the system's mounts as they are now, not abup's.
+static HOST_MOUNTINFO: OnceLock<Mutex<File>> = OnceLock::new();
+
+/// Moves this process into a private mount namespace of its own (mounts made
+/// from now on are invisible elsewhere and vanish with the process), after
+/// keeping a view of the original namespace's mount table and removing
+/// mount-point directories left by abup processes that are gone.
+///
+/// Needs root (CAP_SYS_ADMIN). Call it once, before anything is mounted and
+/// before any thread is started.
+pub fn enter_private_namespace() -> Result<()> {
+    if HOST_MOUNTINFO.get().is_some() {
+        return Ok(());
+    }
+    let host = File::open("/proc/self/mountinfo").context("opening /proc/self/mountinfo")?;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .context("creating a private mount namespace (unshare)")?;
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("making the mount namespace private")?;
+    let _ = HOST_MOUNTINFO.set(Mutex::new(host));
+    remove_stale_mount_dirs();
+    Ok(())
+}
+
+/// The mount table of the namespace abup was started in (see
+/// [`enter_private_namespace`]), or of the current one if it never left it.
+pub fn host_mounts() -> Result<Vec<MountInfo>> {
+    let text = match HOST_MOUNTINFO.get() {
+        Some(f) => {
+            let mut f = f.lock().unwrap_or_else(|e| e.into_inner());
+            let mut text = String::new();
+            f.rewind()
+                .and_then(|_| f.read_to_string(&mut text))
+                .context("reading the mount table abup was started with")?;
+            text
+        }
+        None => {
+            fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?
+        }
+    };
+    parse_mountinfo(&text).context("reading the mount table")
+}
+
+/// This process's directory for mount points: `RUNTIME_DIR/mnt-<pid>`.
+fn mount_dir() -> PathBuf {
+    Path::new(RUNTIME_DIR).join(format!("mnt-{}", std::process::id()))
+}
+
+/// Removes `RUNTIME_DIR/mnt-<pid>` directories whose process is gone. Only
+/// empty directories are removed (`rmdir`), and only those no mount in the
+/// system's namespace uses; a live abup's directories are never touched (its
+/// mounts, invisible from here, would otherwise be detached).
+fn remove_stale_mount_dirs() {
+    let Ok(entries) = fs::read_dir(RUNTIME_DIR) else {
+        return;
+    };
+    let mounted: Vec<PathBuf> = host_mounts()
+        .map(|m| m.into_iter().map(|m| m.mount_point).collect())
+        .unwrap_or_default();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("mnt-")
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let alive = fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|c| c.trim() == "abup" || pid == std::process::id());
+        if alive {
+            continue;
+        }
+        for sub in fs::read_dir(e.path()).into_iter().flatten().flatten() {
+            if !mounted.contains(&sub.path()) {
+                let _ = fs::remove_dir(sub.path());
+            }
+        }
+        let _ = fs::remove_dir(e.path());
+    }
+}
 
 /// Whether a [`TempMount`] may be written to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,7 +135,7 @@ pub enum Access {
     ReadOnly,
 }
 
-/// A block device mounted at a fresh temporary directory.
+/// A block device mounted at a fresh directory under [`RUNTIME_DIR`].
 ///
 /// The mount is always `nosuid,nodev`: abup reads and writes files through it,
 /// it never runs programs or opens device nodes from a slot. (Creating device
@@ -51,12 +155,15 @@ pub struct TempMount {
 
 impl TempMount {
     /// Mounts `dev` (a filesystem of type `fstype`, e.g. `"ext4"`) at a new
-    /// temporary directory.
+    /// directory under [`RUNTIME_DIR`].
     pub fn mount(dev: &Path, fstype: &str, access: Access) -> Result<TempMount> {
+        let parent = mount_dir();
+        fs::create_dir_all(&parent)
+            .with_context(|| format!("creating mount point directory {}", parent.display()))?;
         let tmp = tempfile::Builder::new()
-            .prefix("abup-mount-")
-            .tempdir()
-            .context("creating a temporary mount point")?;
+            .prefix("m-")
+            .tempdir_in(&parent)
+            .with_context(|| format!("creating a mount point in {}", parent.display()))?;
         let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
         if access == Access::ReadOnly {
             flags |= MsFlags::MS_RDONLY;
@@ -124,11 +231,14 @@ impl Drop for TempMount {
             Ok(()) => {
                 let _ = fs::remove_dir(&dir);
             }
-            Err(e) => eprintln!(
-                "warning: {} is still mounted at {}: {e}",
-                self.dev.display(),
-                dir.display()
-            ),
+            Err(e) => {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "warning: {} is still mounted at {}: {e}",
+                    self.dev.display(),
+                    dir.display()
+                );
+            }
         }
     }
 }
@@ -232,10 +342,11 @@ fn octal_escape(b: &[u8]) -> Option<u8> {
 }
 
 /// Returns the first mount point of the block device `dev`, or `None` if it
-/// is not mounted in this mount namespace.
+/// is not mounted in the mount namespace abup was started in (see
+/// [`host_mounts`]; abup's own private mounts do not count).
 ///
 /// Devices are compared by number (the `rdev` of `dev` against field 3 of
-/// `/proc/self/mountinfo`), so any name for the device works:
+/// the mountinfo), so any name for the device works:
 /// `/dev/vda3`, `/dev/disk/by-partlabel/rootfs-b`, a loop partition.
 pub fn mount_point_of(dev: &Path) -> Result<Option<PathBuf>> {
     let meta = fs::metadata(dev).with_context(|| format!("reading {}", dev.display()))?;
@@ -244,9 +355,7 @@ pub fn mount_point_of(dev: &Path) -> Result<Option<PathBuf>> {
     }
     let rdev = meta.rdev();
     let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
-    let path = Path::new("/proc/self/mountinfo");
-    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mounts = parse_mountinfo(&text).with_context(|| format!("reading {}", path.display()))?;
+    let mounts = host_mounts()?;
     Ok(mounts
         .into_iter()
         .find(|m| m.major == major && m.minor == minor)
@@ -258,19 +367,57 @@ pub fn mount_point_of(dev: &Path) -> Result<Option<PathBuf>> {
 /// Used to treat disk images as disks (tests, installing onto an image) and,
 /// with `offset`/`sizelimit`, to expose one partition of an image without
 /// relying on partition scanning.
+///
+/// The device is attached with `LO_FLAGS_AUTOCLEAR` and the guard holds it
+/// open: when the guard is dropped, or the process dies however it dies, the
+/// last close detaches it. Nothing needs to run for that to happen.
 #[derive(Debug)]
 pub struct LoopDevice {
     path: PathBuf,
-    attached: bool,
+    /// The open device; closing it is what detaches it.
+    file: Option<File>,
 }
 
+/// `struct loop_info64` from `<linux/loop.h>`.
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+/// `struct loop_config` from `<linux/loop.h>` (LOOP_CONFIGURE, Linux 5.8).
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+const LO_FLAGS_READ_ONLY: u32 = 1;
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+nix::ioctl_none_bad!(loop_ctl_get_free, 0x4C82);
+nix::ioctl_write_ptr_bad!(loop_configure, 0x4C0A, LoopConfig);
+nix::ioctl_none_bad!(loop_clr_fd, 0x4C01);
+
 impl LoopDevice {
-    /// Attaches `file` to the first free loop device (`losetup -f --show`),
-    /// optionally starting at byte `offset`, limited to `sizelimit` bytes and
-    /// with a logical `sector_size` (512 or 4096).
+    /// Attaches `file` to a free loop device, optionally starting at byte
+    /// `offset`, limited to `sizelimit` bytes and with a logical
+    /// `sector_size` (512 or 4096).
     ///
-    /// `losetup -f` races with other processes grabbing the same free device,
-    /// so a failed attempt is retried a few times before giving up.
+    /// Another process may grab the same free device first, so a busy
+    /// device is retried with the next free one.
     pub fn attach(
         file: &Path,
         offset: Option<u64>,
@@ -278,38 +425,86 @@ impl LoopDevice {
         sector_size: Option<u32>,
     ) -> Result<LoopDevice> {
         let step = format!("attaching {} to a loop device", file.display());
+        let (backing, read_only) = match OpenOptions::new().read(true).write(true).open(file) {
+            Ok(f) => (f, false),
+            Err(e) if e.raw_os_error() == Some(nix::libc::EROFS) => (
+                File::open(file).with_context(|| format!("{step}: opening the file"))?,
+                true,
+            ),
+            Err(e) => return Err(e).with_context(|| format!("{step}: opening the file")),
+        };
+        let ctl = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/loop-control")
+            .with_context(|| format!("{step}: opening /dev/loop-control"))?;
         let mut last_err = None;
-        for attempt in 0..5 {
+        for attempt in 0..20 {
             if attempt > 0 {
-                thread::sleep(Duration::from_millis(100 * attempt));
+                thread::sleep(Duration::from_millis(20 * attempt));
             }
-            let mut cmd = Command::new("losetup");
-            cmd.arg("--find").arg("--show");
-            if let Some(o) = offset {
-                cmd.arg("--offset").arg(o.to_string());
-            }
-            if let Some(s) = sizelimit {
-                cmd.arg("--sizelimit").arg(s.to_string());
-            }
-            if let Some(s) = sector_size {
-                cmd.arg("--sector-size").arg(s.to_string());
-            }
-            cmd.arg(file);
-            match run(&step, &mut cmd) {
-                Ok(out) => {
-                    let path = PathBuf::from(out.trim());
-                    if path.as_os_str().is_empty() {
-                        bail!("{step}: losetup printed no device name");
-                    }
+            // SAFETY: LOOP_CTL_GET_FREE takes no argument.
+            let n = match unsafe { loop_ctl_get_free(ctl.as_raw_fd()) } {
+                Ok(n) => n,
+                Err(e) => {
+                    last_err = Some(anyhow::Error::from(e).context("finding a free loop device"));
+                    continue;
+                }
+            };
+            let path = PathBuf::from(format!("/dev/loop{n}"));
+            let dev = match OpenOptions::new().read(true).write(!read_only).open(&path) {
+                Ok(d) => d,
+                Err(e) => {
+                    last_err =
+                        Some(anyhow::Error::from(e).context(format!("opening {}", path.display())));
+                    continue;
+                }
+            };
+            let mut name = [0u8; 64];
+            let shown = file.as_os_str().as_encoded_bytes();
+            let len = shown.len().min(63);
+            name[..len].copy_from_slice(&shown[..len]);
+            let cfg = LoopConfig {
+                fd: backing.as_raw_fd() as u32,
+                block_size: sector_size.unwrap_or(0),
+                info: LoopInfo64 {
+                    lo_device: 0,
+                    lo_inode: 0,
+                    lo_rdevice: 0,
+                    lo_offset: offset.unwrap_or(0),
+                    lo_sizelimit: sizelimit.unwrap_or(0),
+                    lo_number: 0,
+                    lo_encrypt_type: 0,
+                    lo_encrypt_key_size: 0,
+                    lo_flags: LO_FLAGS_AUTOCLEAR | if read_only { LO_FLAGS_READ_ONLY } else { 0 },
+                    lo_file_name: name,
+                    lo_crypt_name: [0; 64],
+                    lo_encrypt_key: [0; 32],
+                    lo_init: [0; 2],
+                },
+                reserved: [0; 8],
+            };
+            // SAFETY: `cfg` is a valid loop_config that outlives the call.
+            match unsafe { loop_configure(dev.as_raw_fd(), &cfg) } {
+                Ok(_) => {
                     return Ok(LoopDevice {
                         path,
-                        attached: true,
-                    });
+                        file: Some(dev),
+                    })
                 }
-                Err(e) => last_err = Some(e),
+                // Someone else configured it between GET_FREE and now.
+                Err(nix::errno::Errno::EBUSY) => {
+                    last_err = Some(anyhow::anyhow!("{} is busy", path.display()));
+                }
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("{step}: configuring {}", path.display()))
+                }
             }
         }
-        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("{step}: no attempt made")))
+        Err(last_err
+            .unwrap_or_else(|| anyhow::anyhow!("no attempt made"))
+            .context(step))
     }
 
     /// The loop device node, e.g. `/dev/loop3`.
@@ -317,28 +512,36 @@ impl LoopDevice {
         &self.path
     }
 
-    /// Detaches the loop device (`losetup -d`), reporting errors.
+    /// Detaches the loop device. The kernel finishes the detach when the
+    /// last user closes it.
     pub fn detach(mut self) -> Result<()> {
-        self.attached = false;
-        run(
-            &format!("detaching loop device {}", self.path.display()),
-            Command::new("losetup").arg("--detach").arg(&self.path),
-        )
-        .map(drop)
+        self.release()
+            .with_context(|| format!("detaching loop device {}", self.path.display()))
+    }
+
+    fn release(&mut self) -> nix::Result<()> {
+        let Some(f) = self.file.take() else {
+            return Ok(());
+        };
+        // SAFETY: LOOP_CLR_FD takes no argument. A device still open
+        // elsewhere is detached on its last close (autoclear).
+        let cleared = unsafe { loop_clr_fd(f.as_raw_fd()) }.map(drop);
+        drop(f);
+        match cleared {
+            Err(nix::errno::Errno::ENXIO) => Ok(()),
+            other => other,
+        }
     }
 }
 
 impl Drop for LoopDevice {
     fn drop(&mut self) {
-        if !self.attached {
-            return;
-        }
-        let step = format!("detaching loop device {}", self.path.display());
-        if let Err(e) = run(
-            &step,
-            Command::new("losetup").arg("--detach").arg(&self.path),
-        ) {
-            eprintln!("warning: {e:#}");
+        if let Err(e) = self.release() {
+            let _ = writeln!(
+                std::io::stderr(),
+                "warning: detaching loop device {}: {e}",
+                self.path.display()
+            );
         }
     }
 }
@@ -346,6 +549,8 @@ impl Drop for LoopDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::util::run;
+    use std::process::Command;
 
     const SAMPLE: &str = "\
 22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw

@@ -75,7 +75,7 @@ pub fn queue(cfg_path: &Path, bundle_path_in: &Path, rep: &mut Reporter) -> Resu
     let (cfg, _lock) = rep.step("load-config", Check, || {
         crate::system::require_root("abup queue")?;
         let cfg = SystemConfig::load(cfg_path)?;
-        let lock = RunLock::acquire(&cfg.state_dir, "queue")?;
+        let lock = RunLock::acquire(&cfg, "queue")?;
         let comment = format!("read {}", cfg_path.display());
         Ok(Done::unchanged((cfg, lock), comment))
     })?;

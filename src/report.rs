@@ -6,7 +6,8 @@
 //! run history ([`crate::history`]).
 //!
 //! A failed step is attached to the error as [`StepFailed`], from which
-//! `main` derives the exit code: a failure before any write is a refusal.
+//! `main` derives the exit code (see [`exit_code`] and the table in the
+//! README): a failure before any write is a refusal.
 
 use crate::events::{Event, EventName, Events, NamedEvent, Verbosity};
 use anyhow::Result;
@@ -26,8 +27,70 @@ pub const EXIT_USAGE: i32 = 2;
 /// Exit code: refused before anything was written (bad bundle, bad config,
 /// failed sanity check).
 pub const EXIT_REFUSED: i32 = 3;
+/// Exit code: another abup run holds the lock on this disk; nothing was
+/// written. Try again when it has finished.
+pub const EXIT_LOCKED: i32 = 4;
+/// Exit code: stopped by SIGINT, SIGTERM or SIGHUP before the flip; nothing
+/// was flipped (the booted slot and the boot settings are intact; the spare
+/// may be marked bad and recorded incomplete).
+pub const EXIT_INTERRUPTED: i32 = 5;
+/// Exit code: the flip was written (the boot settings may already select the
+/// new slot) but could not be confirmed durable, e.g. syncing the directory
+/// after the rename failed. Check `abup status` before rebooting.
+pub const EXIT_FLIP_UNCONFIRMED: i32 = 6;
+
+/// Marks an error that happened once the flip's new boot settings were in
+/// place: the outcome is [`EXIT_FLIP_UNCONFIRMED`], never "settings intact".
+#[derive(Debug, Clone, Copy)]
+pub struct FlipUnconfirmed;
+
+impl fmt::Display for FlipUnconfirmed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "the new boot settings were written but not confirmed durable; run `abup status` and check the boot settings before rebooting",
+        )
+    }
+}
 /// Exit code: there was nothing to do (`apply-queued` with no queued bundle).
 pub const EXIT_NOTHING_TO_DO: i32 = 7;
+
+/// Gives an error after new boot settings were renamed into place (the
+/// [`crate::util::Replaced`] mark) the unconfirmed-flip outcome: it can no
+/// longer claim "nothing changed".
+pub fn flip_outcome(e: anyhow::Error) -> anyhow::Error {
+    if e.downcast_ref::<crate::util::Replaced>().is_some() {
+        e.context(FlipUnconfirmed)
+    } else {
+        e
+    }
+}
+
+/// `println!` that ignores a closed or broken stdout: output never panics.
+#[macro_export]
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
+/// `print!` that ignores a closed or broken stdout.
+#[macro_export]
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($t)*);
+    }};
+}
+
+/// `eprintln!` that ignores a closed or broken stderr.
+#[macro_export]
+macro_rules! errln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
 
 /// How a step ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +152,9 @@ pub struct RunReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub exit_code: i32,
+    /// The signal that stopped the run, or a hang-up it ignored (`SIGHUP`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
     /// Unix seconds when the run started.
     pub started_at: u64,
     /// How long the run took.
@@ -143,8 +209,18 @@ impl fmt::Display for StepFailed {
     }
 }
 
-/// The exit code for an error returned by a run.
+/// The exit code for an error returned by a run: an unconfirmed flip, then
+/// an interruption, then a held lock, then failed-after-writing, else refused.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
+    if err.downcast_ref::<FlipUnconfirmed>().is_some() {
+        return EXIT_FLIP_UNCONFIRMED;
+    }
+    if crate::signal::interrupted_by(err).is_some() {
+        return EXIT_INTERRUPTED;
+    }
+    if err.downcast_ref::<crate::lock::Held>().is_some() {
+        return EXIT_LOCKED;
+    }
     match err.downcast_ref::<StepFailed>() {
         Some(s) if !s.refused => EXIT_FAILED,
         Some(_) => EXIT_REFUSED,
@@ -196,15 +272,22 @@ impl Reporter {
         kind: StepKind,
         f: impl FnOnce() -> Result<Done<T>>,
     ) -> Result<T> {
-        if kind == StepKind::Write {
-            self.writes_started = true;
-        }
+        crate::lock::note_step(name);
         self.events.emit(&Event::StepStarted {
             step: name,
             time: crate::state::now(),
         });
         let start = Instant::now();
-        let result = f();
+        // A signal stops the run at a step boundary, before the step runs;
+        // a fail point named `after-<step>` fires once it has run.
+        let result = crate::signal::check().and_then(|()| {
+            if kind == StepKind::Write {
+                self.writes_started = true;
+            }
+            let done = f()?;
+            crate::failpoint::hit(&format!("after-{name}"))?;
+            Ok(done)
+        });
         let duration_ms = start.elapsed().as_millis() as u64;
         let (state, comment, value) = match result {
             Ok(done) => (done.state, done.comment, Ok(done.value)),
@@ -262,7 +345,11 @@ impl Reporter {
                 self.report.exit_code = exit_code(e);
                 self.report.failed_step = e.downcast_ref::<StepFailed>().map(|s| s.step.clone());
                 self.report.error = Some(format!("{e:#}"));
+                self.report.signal = crate::signal::interrupted_by(e).map(|i| i.name().into());
             }
+        }
+        if self.report.signal.is_none() && crate::signal::hangup_ignored() {
+            self.report.signal = Some("SIGHUP".into());
         }
         self.report.duration_ms = self.started.elapsed().as_millis() as u64;
         if let Some(dir) = &self.history_dir {

@@ -7,14 +7,27 @@
 //! a power cut leaves either the old record or the new one. Before a slot is
 //! overwritten its record is set to `incomplete`, and only after its payload
 //! is verified is it set to `installed`.
+//!
+//! The file must live where both slots read it (a data or boot partition,
+//! see `state_dir`): after a fallback, an older abup reads what a newer one
+//! wrote. So it carries a format number ([`FORMAT`]): fields a later abup
+//! adds are kept when this one rewrites the file, a file without the number
+//! (abup before it had one) reads as format 1, and a file of a newer,
+//! incompatible format is refused with a message rather than misread.
 
 use crate::slot::SlotName;
 use crate::util::write_atomic;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 const FILE_NAME: &str = "slots.json";
+
+/// The format of `slots.json` this abup writes. Raise it only for changes an
+/// older abup would misread; adding a field needs no new number (unknown
+/// fields are kept).
+pub const FORMAT: u32 = 1;
 
 /// Whether a slot's content is complete.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,8 +40,7 @@ pub enum Content {
 }
 
 /// What abup knows of one slot.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SlotRecord {
     pub content: Content,
     pub version: String,
@@ -42,16 +54,24 @@ pub struct SlotRecord {
     /// shows `inactive`, not `bad`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub inactive: bool,
+    /// Fields written by a later abup, kept on rewrite.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
 }
 
 /// Records of both slots.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Records {
+    /// The file's format ([`FORMAT`]); 0 when read from a file without one.
+    #[serde(default)]
+    pub format: u32,
     #[serde(rename = "A", default)]
     pub a: Option<SlotRecord>,
     #[serde(rename = "B", default)]
     pub b: Option<SlotRecord>,
+    /// Fields written by a later abup, kept on rewrite.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
 }
 
 impl Records {
@@ -101,19 +121,31 @@ impl StateStore {
                 path.display()
             );
         }
-        serde_json::from_slice(&text).with_context(|| {
+        let records: Records = serde_json::from_slice(&text).with_context(|| {
             format!(
                 "parsing slot records {}: fix or remove the file (status will then show versions as unknown)",
                 path.display()
             )
-        })
+        })?;
+        if records.format > FORMAT {
+            bail!(
+                "reading slot records {}: written by a newer abup (format {}; this abup reads format {FORMAT} and older); install a newer abup to change slots",
+                path.display(),
+                records.format
+            );
+        }
+        Ok(records)
     }
 
     /// Replaces the records atomically, creating the state directory if needed.
     pub fn save(&self, records: &Records) -> Result<()> {
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("creating state directory {}", self.dir.display()))?;
-        let mut text = serde_json::to_vec_pretty(records).context("encoding slot records")?;
+        let records = Records {
+            format: FORMAT,
+            ..records.clone()
+        };
+        let mut text = serde_json::to_vec_pretty(&records).context("encoding slot records")?;
         text.push(b'\n');
         write_atomic(&self.file(), &text)
             .with_context(|| format!("recording slot state in {}", self.dir.display()))
@@ -151,6 +183,7 @@ mod tests {
             installed_at: 7,
             good: false,
             inactive: false,
+            extra: BTreeMap::new(),
         };
         store
             .update(SlotName::B, |r| *r = Some(rec.clone()))
@@ -160,5 +193,69 @@ mod tests {
         assert_eq!(got.get(SlotName::A), None);
         std::fs::write(dir.path().join("nested/slots.json"), "{").unwrap();
         assert!(format!("{:#}", store.load().unwrap_err()).contains("parsing slot records"));
+    }
+
+    /// A file as abup wrote it before records had a format number.
+    const UNVERSIONED: &str = r#"{
+  "A": null,
+  "B": {
+    "content": "installed",
+    "version": "2.0.0",
+    "compatible": "board",
+    "bundle_sha256": "abab",
+    "installed_at": 1700000000,
+    "good": true
+  }
+}
+"#;
+
+    #[test]
+    fn reads_the_unversioned_format_and_writes_format_1() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(FILE_NAME), UNVERSIONED).unwrap();
+        let store = StateStore::new(dir.path());
+        let r = store.load().unwrap();
+        assert_eq!(r.format, 0);
+        assert_eq!(r.get(SlotName::B).unwrap().version, "2.0.0");
+        store
+            .update(SlotName::B, |r| r.as_mut().unwrap().good = false)
+            .unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join(FILE_NAME)).unwrap()).unwrap();
+        assert_eq!(v["format"], 1);
+        assert_eq!(v["B"]["good"], false);
+    }
+
+    #[test]
+    fn unknown_fields_survive_a_rewrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = UNVERSIONED
+            .replacen("{\n", "{\n  \"format\": 1,\n  \"history\": [1, 2],\n", 1)
+            .replace("\"good\": true", "\"good\": true, \"signed_by\": \"k1\"");
+        std::fs::write(dir.path().join(FILE_NAME), text).unwrap();
+        let store = StateStore::new(dir.path());
+        store
+            .update(SlotName::B, |r| r.as_mut().unwrap().good = false)
+            .unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join(FILE_NAME)).unwrap()).unwrap();
+        assert_eq!(v["history"], serde_json::json!([1, 2]));
+        assert_eq!(v["B"]["signed_by"], "k1");
+        assert_eq!(v["B"]["good"], false);
+    }
+
+    #[test]
+    fn a_newer_format_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = UNVERSIONED.replacen("{\n", "{\n  \"format\": 2,\n", 1);
+        std::fs::write(dir.path().join(FILE_NAME), &text).unwrap();
+        let store = StateStore::new(dir.path());
+        let err = format!("{:#}", store.load().unwrap_err());
+        assert!(err.contains("newer abup (format 2"), "{err}");
+        assert!(store.update(SlotName::B, |_| {}).is_err());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(FILE_NAME)).unwrap(),
+            text
+        );
     }
 }

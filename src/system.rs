@@ -123,6 +123,8 @@ impl System {
             primary: backend.primary()?,
             backend: backend.name().to_string(),
             slots,
+            running: crate::lock::running(&self.cfg.disk),
+            last_run: crate::runlog::load(&self.cfg.state_dir),
         })
     }
 
@@ -163,6 +165,10 @@ pub struct Status {
     pub primary: Option<SlotName>,
     pub backend: String,
     pub slots: BTreeMap<String, SlotStatus>,
+    /// The run holding the disk's lock right now, if any.
+    pub running: Option<crate::lock::RunInfo>,
+    /// How the last run that held the lock ended (or that it is running).
+    pub last_run: Option<crate::runlog::LastRun>,
 }
 
 /// One slot in `abup status`.

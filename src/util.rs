@@ -32,10 +32,37 @@ pub fn run(step: &str, cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Marks an error of [`write_atomic`] after its rename: the new content is
+/// in place, only its durability is unconfirmed.
+#[derive(Debug, Clone)]
+pub struct Replaced(pub std::path::PathBuf);
+
+impl std::fmt::Display for Replaced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} was replaced but not confirmed durable",
+            self.0.display()
+        )
+    }
+}
+
 /// Replaces `path` with `data` atomically: write a temporary file beside it,
 /// fsync it, rename it over `path`, then fsync the directory. A reader (or a
-/// power cut) sees either the old content or the new, never a mix.
+/// power cut) sees either the old content or the new, never a mix. An error
+/// after the rename carries [`Replaced`].
+///
+/// Fail points (see [`crate::failpoint`]), with `F` the file name:
+/// `write:F`, `fsync:F`, `before-rename:F`, `rename:F`, `after-rename:F`,
+/// `fsync-dir:F`; and `flip-before-rename` / `flip-after-rename` while the
+/// flip is being written.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let flip = crate::signal::flipping();
+    let point = |p: &str| crate::failpoint::hit(&format!("{p}:{name}"));
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -44,7 +71,9 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
         .prefix(".abup-tmp-")
         .tempfile_in(dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    tmp.write_all(data)
+    point("write")
+        .and_then(|_| tmp.write_all(data))
+        .and_then(|_| point("fsync"))
         .and_then(|_| tmp.as_file().sync_all())
         .with_context(|| format!("writing {}", tmp.path().display()))?;
     if let Ok(meta) = fs::metadata(path) {
@@ -52,10 +81,23 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
         fs::set_permissions(tmp.path(), meta.permissions())
             .with_context(|| format!("setting mode of {}", tmp.path().display()))?;
     }
+    point("before-rename")?;
+    if flip {
+        crate::failpoint::hit("flip-before-rename")?;
+    }
+    point("rename").with_context(|| format!("renaming temporary file over {}", path.display()))?;
     tmp.persist(path)
         .with_context(|| format!("renaming temporary file over {}", path.display()))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing directory {}", dir.display()))?;
+    let after = || -> std::io::Result<()> {
+        if flip {
+            crate::failpoint::hit("flip-after-rename")?;
+        }
+        point("after-rename")?;
+        point("fsync-dir")?;
+        File::open(dir).and_then(|d| d.sync_all())
+    };
+    after()
+        .with_context(|| format!("syncing directory {}", dir.display()))
+        .context(Replaced(path.to_path_buf()))?;
     Ok(())
 }

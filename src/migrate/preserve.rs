@@ -54,6 +54,8 @@ fn apply_rule(rule: &Rule, old: &Tree, new: &Tree, out: &mut Outcome) -> Result<
         return missing(rule, &rule.path, old, out);
     }
     for path in paths {
+        crate::signal::check()?;
+        crate::failpoint!("preserve-path");
         let shown = Path::new("/").join(&path);
         let (parent, name) = match (path.parent(), path.file_name()) {
             (Some(p), Some(n)) => (p, n),

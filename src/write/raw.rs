@@ -68,6 +68,8 @@ pub fn write_raw_limited(reader: &mut dyn Read, dev: &Path, capacity: u64) -> Re
     let mut writer = RawWriter::open(dev, capacity)?;
     let mut buf = vec![0u8; CHUNK];
     loop {
+        crate::signal::check()?;
+        crate::failpoint!("write-chunk");
         let n = read_full(reader, &mut buf)
             .with_context(|| format!("reading the payload for {}", dev.display()))?;
         if n == 0 {

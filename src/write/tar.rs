@@ -71,6 +71,7 @@ pub fn format_ext4(dev: &Path, label: &str) -> Result<()> {
     if label.len() > MAX_LABEL {
         bail!("ext4 label {label:?} is longer than {MAX_LABEL} bytes");
     }
+    crate::failpoint!("before-mkfs");
     run(
         &format!("formatting slot {}", dev.display()),
         Command::new("mkfs.ext4")
@@ -78,6 +79,7 @@ pub fn format_ext4(dev: &Path, label: &str) -> Result<()> {
             .args(["-E", "lazy_itable_init=1,lazy_journal_init=0"])
             .arg(dev),
     )?;
+    crate::failpoint!("after-mkfs");
     Ok(())
 }
 
@@ -110,6 +112,8 @@ pub fn extract_tar(reader: &mut dyn Read, root: &Path) -> Result<WriteStats> {
     let mut stats = WriteStats::default();
     let mut dirs = Vec::new();
     while let Some(member) = tar.next_member()? {
+        crate::signal::check()?;
+        crate::failpoint!("extract-member");
         extract_member(&mut tar, member, &root, &mut dirs, &mut stats)?;
     }
     // Archive order: metadata changes on a child never touch its parent's

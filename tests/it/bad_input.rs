@@ -571,8 +571,8 @@ fn a_second_install_is_refused_while_one_is_running() {
     );
     assert!(leaked_loops(&env.disk.device()).is_empty());
     assert!(
-        second.code == 0 || second.code == 3,
-        "the second install should be refused (3) or wait its turn (0):\n{second}"
+        second.code == 0 || second.code == 4,
+        "the second install should be refused (4, lock held) or wait its turn (0):\n{second}"
     );
 
     let mut problems = Vec::new();
