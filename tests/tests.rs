@@ -10,6 +10,8 @@
 
 #[path = "it/bad_input.rs"]
 mod bad_input;
+#[path = "it/crash.rs"]
+mod crash;
 #[path = "it/format.rs"]
 mod format;
 #[path = "it/install.rs"]

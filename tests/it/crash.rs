@@ -1,0 +1,584 @@
+//! The crash matrix: abup killed, signalled and failed at named moments of
+//! an install, on a disk-image file and on a block device (a loop device
+//! holding the image), and after each the device recovers by itself.
+//!
+//! Fail points are armed through `ABUP_FAILPOINTS` (see `src/failpoint.rs`):
+//! `kill` makes abup SIGKILL itself at the point (a real crash: no guard,
+//! no handler runs), `stall` parks it there so the test can send a signal
+//! from outside, `eio` injects an I/O error. After each crash the test
+//! checks that the booted slot is byte-identical, that the boot settings
+//! select a slot whose content is complete, that `status` tells the truth
+//! (versions it shows are the versions on disk, no run in progress, how the
+//! last run ended), that no mount or loop device of abup is left, and that
+//! the next plain install succeeds.
+
+use crate::util::*;
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+/// Where an install is killed with SIGKILL: every step boundary and the
+/// inside of the long steps.
+const KILL_POINTS: &[&str] = &[
+    "after-mark-bad",
+    "before-mkfs",
+    "after-mkfs",
+    // mid-payload: after the 5th archive member
+    "extract-member@5",
+    "after-write",
+    "after-verify",
+    // mid-preserve: after the first preserved path
+    "preserve-path@2",
+    "after-preserve",
+    // during the record: slots.json written and synced, not yet renamed
+    // (the 1st write of slots.json is mark-bad's)
+    "before-rename:slots.json@2",
+    "after-record",
+    "flip-before-rename",
+    "flip-after-rename",
+];
+
+const VERSION: &str = "2.0.0";
+
+/// One finished run of abup with fail points armed.
+struct Outcome {
+    status: ExitStatus,
+    pid: u32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Outcome {
+    fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", self))
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs abup with `ABUP_FAILPOINTS=failpoints`. With `signal`, waits until
+/// the stalled point `(name, signal)` is reached and sends the signal.
+fn run_armed(
+    config: &Path,
+    failpoints: &str,
+    args: &[&str],
+    stdin: Option<&Path>,
+    signal: Option<(&str, Signal)>,
+) -> Outcome {
+    let mut cmd = Command::new(abup_bin());
+    cmd.arg("--config")
+        .arg(config)
+        .args(args)
+        .env("ABUP_FAILPOINTS", failpoints)
+        .env_remove("ABUP_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(match stdin {
+            Some(p) => Stdio::from(fs::File::open(p).expect("opening stdin file")),
+            None => Stdio::null(),
+        });
+    let mut child = cmd.spawn().expect("starting abup");
+    let pid = child.id();
+    let mut out = child.stdout.take().expect("stdout pipe");
+    let stdout = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err = child.stderr.take().expect("stderr pipe");
+    let (tx, rx) = mpsc::channel();
+    let stderr = thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(line.clone());
+            all += &line;
+            all.push('\n');
+        }
+        all
+    });
+    if let Some((point, sig)) = signal {
+        let want = format!("failpoint {point} reached");
+        loop {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(l) if l.contains(&want) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = child.kill();
+                    panic!("abup never reached {point} ({e})");
+                }
+            }
+        }
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)
+            .expect("signalling abup");
+    }
+    let status = child.wait().expect("waiting for abup");
+    Outcome {
+        status,
+        pid,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
+
+/// The `ABUP_FAILPOINTS` item for `point` (`name` or `name@n`) and `action`.
+fn arm(point: &str, action: &str) -> String {
+    match point.split_once('@') {
+        Some((name, n)) => format!("{name}={action}@{n}"),
+        None => format!("{point}={action}"),
+    }
+}
+
+/// The install every crash interrupts: from booted A into B, `--force` so
+/// that it rewrites B even when B already holds the bundle.
+fn crash_args(bundle: &Path) -> Vec<&str> {
+    vec![
+        "--json",
+        "--booted-slot",
+        "A",
+        "install",
+        s(bundle),
+        "--force",
+    ]
+}
+
+/// The version in slot B's `/etc/os-release`, or None when B holds no
+/// mountable root with one.
+fn version_in_b(env: &Env) -> Option<String> {
+    let lo = env.disk.attach("rootB", true);
+    let dir = tempfile::tempdir().unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "ext4", "-o", "ro,noload"])
+        .arg(lo.path())
+        .arg(dir.path())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        return None;
+    }
+    let text = fs::read_to_string(dir.path().join("etc/os-release")).unwrap_or_default();
+    let hostname = fs::read_to_string(dir.path().join("etc/hostname")).unwrap_or_default();
+    sh(Command::new("umount").arg(dir.path()));
+    let v = text
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION="))
+        .map(str::to_string)?;
+    // A complete install carries the preserved hostname too.
+    Some(if hostname == "device-42\n" {
+        v
+    } else {
+        format!("{v} (without preserved files)")
+    })
+}
+
+/// Mounts still visible to the system that belong to the crashed process
+/// (its mount point directory) or that mount anything of the test disk.
+fn mounts_left(env: &Env, pid: u32) -> Vec<String> {
+    let dir = format!("/run/abup/mnt-{pid}/");
+    let disk = [env.disk.image.clone(), env.disk.device()];
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            let dev = l.split(' ').nth(2).unwrap_or_default();
+            let backing = fs::read_to_string(format!("/sys/dev/block/{dev}/loop/backing_file"))
+                .map(|b| PathBuf::from(b.trim()))
+                .ok();
+            l.contains(&dir) || backing.is_some_and(|b| disk.contains(&b))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// Everything that must hold after a run that crashed or was stopped.
+#[track_caller]
+fn check_after(env: &Env, slot_a: &str, what: &str, o: &Outcome) {
+    assert_eq!(
+        env.disk.sha256_of_partition("rootA"),
+        slot_a,
+        "{what}: the booted slot A changed\n{o}"
+    );
+    let left = mounts_left(env, o.pid);
+    assert!(left.is_empty(), "{what}: mounts left: {left:?}");
+    assert!(
+        leaked_loops(&env.disk.device()).is_empty(),
+        "{what}: loop devices left"
+    );
+    let st = env.status(Some("A"));
+    let in_b = version_in_b(env);
+    // The boot settings select a slot whose content is complete.
+    let env_vars = env.grubenv();
+    let primary = st["primary"].as_str();
+    match primary {
+        Some("A") => {}
+        Some("B") => assert_eq!(
+            in_b.as_deref(),
+            Some(VERSION),
+            "{what}: the boot settings select B, which is not complete\n{o}"
+        ),
+        other => panic!("{what}: primary {other:?}, grubenv {env_vars:?}"),
+    }
+    // status tells the truth about B.
+    let b = &st["slots"]["B"];
+    if let Some(v) = b["version"].as_str() {
+        assert_eq!(
+            in_b.as_deref(),
+            Some(v),
+            "{what}: status says B holds {v}\n{st:#}"
+        );
+    }
+    if matches!(b["state"].as_str(), Some("good" | "trying")) {
+        assert_eq!(in_b.as_deref(), Some(VERSION), "{what}: {st:#}");
+    }
+    assert!(st["running"].is_null(), "{what}: a run in progress? {st:#}");
+    assert_eq!(st["last_run"]["verb"], "install", "{what}: {st:#}");
+}
+
+/// The next plain install succeeds, boots B next, and cleaned up after the
+/// crashed process.
+#[track_caller]
+fn check_next_install(env: &Env, bundle: &Path, what: &str, crashed: u32) {
+    let report = env.install_ok("A", bundle, &[]);
+    assert_eq!(
+        version_in_b(env).as_deref(),
+        Some(VERSION),
+        "{what}: {report:#}"
+    );
+    let vars = env.grubenv();
+    assert_eq!(vars["ORDER"], "B A", "{what}: {vars:?}");
+    assert_eq!(vars["B_OK"], "1", "{what}: {vars:?}");
+    let st = env.status(Some("A"));
+    assert_eq!(st["slots"]["B"]["state"], "trying", "{what}: {st:#}");
+    assert_eq!(st["last_run"]["result"], "success", "{what}: {st:#}");
+    assert!(
+        !Path::new(&format!("/run/abup/mnt-{crashed}")).exists(),
+        "{what}: the crashed run's mount point directory is still there"
+    );
+}
+
+fn kill_matrix(env: Env, mode: &str) {
+    let bundle = env.simple_bundle(VERSION);
+    let slot_a = env.disk.sha256_of_partition("rootA");
+    for point in KILL_POINTS {
+        let what = format!("{mode}: SIGKILL at {point}");
+        let o = run_armed(
+            &env.config,
+            &arm(point, "kill"),
+            &crash_args(&bundle),
+            None,
+            None,
+        );
+        assert_eq!(o.status.signal(), Some(9), "{what}: not killed\n{o}");
+        check_after(&env, &slot_a, &what, &o);
+        let st = env.status(Some("A"));
+        assert_eq!(st["last_run"]["result"], "running", "{what}: {st:#}");
+        let text = env.abup(&["--booted-slot", "A", "status"]);
+        assert!(
+            text.stdout.contains("last run: install did not finish"),
+            "{what}:\n{text}"
+        );
+        check_next_install(&env, &bundle, &what, o.pid);
+    }
+}
+
+#[test]
+fn sigkill_at_every_point_on_an_image_file() {
+    kill_matrix(Env::new(), "image file");
+}
+
+#[test]
+fn sigkill_at_every_point_on_a_block_device() {
+    kill_matrix(Env::builder().sector(4096).build(), "block device");
+}
+
+fn signal_matrix(env: Env, mode: &str) {
+    let bundle = env.simple_bundle(VERSION);
+    let slot_a = env.disk.sha256_of_partition("rootA");
+    // In the middle of the write, in the middle of preserve.
+    for point in ["extract-member@4", "preserve-path@2"] {
+        for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+            let what = format!("{mode}: {sig} at {point}");
+            let name = point.split('@').next().unwrap();
+            let o = run_armed(
+                &env.config,
+                &arm(point, "stall"),
+                &crash_args(&bundle),
+                None,
+                Some((name, sig)),
+            );
+            if sig == Signal::SIGHUP {
+                // A bundle file survives a lost terminal: the run completes.
+                assert_eq!(o.code(), Some(0), "{what}\n{o}");
+                assert_eq!(o.json()["result"], "success", "{what}\n{o}");
+                check_after(&env, &slot_a, &what, &o);
+                let st = env.status(Some("A"));
+                assert_eq!(st["last_run"]["signal"], "SIGHUP", "{what}: {st:#}");
+                assert_eq!(st["primary"], "B", "{what}: {st:#}");
+            } else {
+                assert_eq!(o.code(), Some(5), "{what}\n{o}");
+                let r = o.json();
+                assert_eq!(r["exit_code"], 5, "{what}");
+                let step = r["failed_step"].as_str().unwrap_or_default().to_string();
+                let want = if point.starts_with("preserve") {
+                    "preserve"
+                } else {
+                    "write"
+                };
+                assert_eq!(step, want, "{what}\n{o}");
+                let err = r["error"].as_str().unwrap_or_default();
+                assert!(
+                    err.contains(&format!("interrupted by {sig}")),
+                    "{what}: {err}"
+                );
+                check_after(&env, &slot_a, &what, &o);
+                let st = env.status(Some("A"));
+                assert_eq!(st["primary"], "A", "{what}: {st:#}");
+                assert_eq!(st["slots"]["B"]["state"], "empty", "{what}: {st:#}");
+                let last = &st["last_run"];
+                assert_eq!(last["result"], "interrupted", "{what}: {st:#}");
+                assert_eq!(last["signal"], sig.as_str(), "{what}: {st:#}");
+                assert_eq!(last["step"], want, "{what}: {st:#}");
+                assert_eq!(last["exit_code"], 5, "{what}: {st:#}");
+            }
+            check_next_install(&env, &bundle, &what, o.pid);
+        }
+    }
+    // From stdin, a hang-up stops the run: whoever fed it is gone.
+    let what = format!("{mode}: SIGHUP while reading stdin");
+    let o = run_armed(
+        &env.config,
+        "extract-member=stall@4",
+        &["--json", "--booted-slot", "A", "install", "-", "--force"],
+        Some(&bundle),
+        Some(("extract-member", Signal::SIGHUP)),
+    );
+    assert_eq!(o.code(), Some(5), "{what}\n{o}");
+    check_after(&env, &slot_a, &what, &o);
+    check_next_install(&env, &bundle, &what, o.pid);
+}
+
+#[test]
+fn signals_during_the_write_on_an_image_file() {
+    signal_matrix(Env::new(), "image file");
+}
+
+#[test]
+fn signals_during_the_write_on_a_block_device() {
+    signal_matrix(Env::builder().sector(4096).build(), "block device");
+}
+
+/// Injected I/O errors: (fail point, exit code, failed step, boot settings
+/// flipped to B). Order matters: until the last one, nothing flips, so the
+/// grubenv keeps its first bytes (B is already not bootable, so marking it
+/// bad writes nothing).
+const EIO_POINTS: &[(&str, i32, &str, bool)] = &[
+    ("extract-member@3", 1, "write", false),
+    ("write:slots.json@2", 1, "record", false),
+    ("fsync:slots.json@2", 1, "record", false),
+    ("rename:slots.json@2", 1, "record", false),
+    ("fsync:grubenv", 1, "activate", false),
+    ("rename:grubenv", 1, "activate", false),
+    // After the rename: the flip is in place, only not confirmed durable.
+    ("fsync-dir:grubenv", 6, "activate", true),
+];
+
+#[test]
+fn injected_io_errors_at_write_record_and_flip() {
+    let env = Env::new();
+    let bundle = env.simple_bundle(VERSION);
+    let before = env.snapshot();
+    for &(point, code, step, flipped) in EIO_POINTS {
+        let what = format!("EIO at {point}");
+        let o = run_armed(
+            &env.config,
+            &arm(point, "eio"),
+            &crash_args(&bundle),
+            None,
+            None,
+        );
+        assert_eq!(o.code(), Some(code), "{what}\n{o}");
+        let r = o.json();
+        assert_eq!(r["exit_code"], code, "{what}");
+        assert_eq!(r["failed_step"], step, "{what}\n{o}");
+        let err = r["error"].as_str().unwrap_or_default();
+        assert!(err.contains("Input/output error"), "{what}: {err}");
+        assert_eq!(
+            o.stderr.lines().last().unwrap_or_default(),
+            format!("error: {err}"),
+            "{what}"
+        );
+        check_after(&env, &before.slot_a, &what, &o);
+        let st = env.status(Some("A"));
+        assert_eq!(st["last_run"]["exit_code"], code, "{what}: {st:#}");
+        if flipped {
+            assert!(err.contains("not confirmed durable"), "{what}: {err}");
+            assert_eq!(st["primary"], "B", "{what}: {st:#}");
+            assert_eq!(st["slots"]["B"]["state"], "trying", "{what}: {st:#}");
+            assert_eq!(st["last_run"]["result"], "flip-unconfirmed", "{what}");
+        } else {
+            env.assert_untouched(&before);
+            assert_eq!(st["last_run"]["result"], "failed", "{what}");
+            assert_ne!(st["slots"]["B"]["state"], "good", "{what}: {st:#}");
+        }
+    }
+    check_next_install(&env, &bundle, "after the injected errors", 0);
+}
+
+/// A config with another state directory for the same disk.
+fn second_config(env: &Env) -> PathBuf {
+    let text = fs::read_to_string(&env.config).unwrap();
+    let other = env.path("other-state");
+    let text = text.replace(s(&env.state_dir), s(&other));
+    assert!(text.contains(s(&other)));
+    let path = env.path("other.toml");
+    fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn two_configs_on_one_disk_exactly_one_proceeds() {
+    let env = Env::new();
+    let bundle = env.simple_bundle(VERSION);
+    let before = env.snapshot();
+    let other = second_config(&env);
+    // The first run parks in its write; the second is refused meanwhile.
+    let config = env.config.clone();
+    let b1 = bundle.clone();
+    let (tx, rx) = mpsc::channel();
+    let first = thread::spawn(move || {
+        let mut cmd = Command::new(abup_bin());
+        cmd.arg("--config")
+            .arg(&config)
+            .args(crash_args(&b1))
+            .env("ABUP_FAILPOINTS", "after-mark-bad=stall")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let err = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(err).lines();
+        for l in lines.by_ref().map_while(Result::ok) {
+            if l.contains("failpoint after-mark-bad reached") {
+                break;
+            }
+        }
+        tx.send(child.id()).unwrap();
+        let rest: Vec<String> = lines.map_while(Result::ok).collect();
+        (child.wait_with_output().unwrap(), rest)
+    });
+    let pid = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("first run stalls");
+    // (Not through `env.abup`: the first run's loop devices are attached.)
+    let abup = |config: &Path, args: &[&str]| {
+        let mut all = vec!["--config".to_string(), s(config).to_string()];
+        all.extend(args.iter().map(|a| a.to_string()));
+        run_abup(&all, None)
+    };
+    for config in [&other, &env.config] {
+        let run = abup(
+            config,
+            &["--booted-slot", "A", "install", s(&bundle), "--force"],
+        );
+        let line = run.failed(
+            4,
+            &["another abup run", &format!("pid {pid}"), "step mark-bad"],
+        );
+        assert!(line.contains("install"), "{line}");
+    }
+    let run = abup(&other, &["--booted-slot", "A", "mark-good", "A"]);
+    run.failed(4, &[&format!("pid {pid}")]);
+    // status shows the run in progress.
+    let st = abup(&env.config, &["--json", "--booted-slot", "A", "status"]).json();
+    assert_eq!(st["running"]["pid"], pid, "{st:#}");
+    assert_eq!(st["running"]["verb"], "install");
+    assert_eq!(st["running"]["step"], "mark-bad");
+    let text = abup(&env.config, &["--booted-slot", "A", "status"]);
+    assert!(
+        text.stdout.contains(&format!(
+            "run in progress: pid {pid}, install, step mark-bad"
+        )),
+        "{text}"
+    );
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
+    let (out, _) = first.join().unwrap();
+    assert_eq!(out.status.code(), Some(5));
+    env.assert_untouched(&before);
+    // The refused runs never wrote the other config's state directory.
+    let other_state = fs::read_to_string(&other).unwrap();
+    let other_dir = other_state
+        .lines()
+        .find_map(|l| l.strip_prefix("state_dir = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    assert!(!Path::new(&other_dir).join("slots.json").exists());
+    let st = env.status(Some("A"));
+    assert!(st["running"].is_null());
+    assert_eq!(st["last_run"]["result"], "interrupted");
+    // Now the other config proceeds.
+    let run = env.abup_with(
+        &other,
+        &["--json", "--booted-slot", "A", "install", s(&bundle)],
+        None,
+    );
+    run.ok();
+}
+
+#[test]
+fn closed_stdout_is_not_a_crash() {
+    let env = Env::new();
+    for args in [vec!["status"], vec!["--json", "status"], vec!["--help"]] {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        drop(r);
+        let status = Command::new(abup_bin())
+            .arg("--config")
+            .arg(&env.config)
+            .args(["--booted-slot", "A"])
+            .args(&args)
+            .stdout(Stdio::from(w))
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert_ne!(status.code(), Some(101), "abup {args:?} panicked");
+        assert!(
+            status.code() == Some(0) || status.signal().is_none(),
+            "{args:?}: {status:?}"
+        );
+    }
+    // An install whose stdout is closed completes and says so in status.
+    let bundle = env.simple_bundle(VERSION);
+    let (r, w) = nix::unistd::pipe().unwrap();
+    drop(r);
+    let status = Command::new(abup_bin())
+        .arg("--config")
+        .arg(&env.config)
+        .args(["--booted-slot", "A", "install", s(&bundle)])
+        .stdout(Stdio::from(w))
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let st = env.status(Some("A"));
+    assert_eq!(st["last_run"]["result"], "success", "{st:#}");
+    assert_eq!(st["primary"], "B");
+}
