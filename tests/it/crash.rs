@@ -178,7 +178,7 @@ fn version_in_b(env: &Env) -> Option<String> {
     }
     let text = fs::read_to_string(dir.path().join("etc/os-release")).unwrap_or_default();
     let hostname = fs::read_to_string(dir.path().join("etc/hostname")).unwrap_or_default();
-    sh(Command::new("umount").arg(dir.path()));
+    unmount(dir.path());
     let v = text
         .lines()
         .find_map(|l| l.strip_prefix("VERSION="))
@@ -189,6 +189,22 @@ fn version_in_b(env: &Env) -> Option<String> {
     } else {
         format!("{v} (without preserved files)")
     })
+}
+
+/// Unmounts `dir`, retrying while something briefly holds it (udev, blkid).
+fn unmount(dir: &Path) {
+    for _ in 0..50 {
+        let ok = Command::new("umount")
+            .arg(dir)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    sh(Command::new("umount").arg("--lazy").arg(dir));
 }
 
 /// Mounts still visible to the system that belong to the crashed process
