@@ -71,8 +71,18 @@ pub fn name(signal: i32) -> &'static str {
 
 /// Installs the handlers for SIGINT, SIGTERM and SIGHUP. Called once, early
 /// in `main`, by verbs that change the device.
+///
+/// A second SIGINT or SIGTERM takes the default action (the process ends at
+/// once), for a run stuck where no check is reached, such as a read from a
+/// stalled stdin; the private mount namespace and self-detaching loop
+/// devices still leave nothing behind.
 pub fn install() -> std::io::Result<()> {
     let pending = PENDING.get_or_init(|| Arc::new(AtomicUsize::new(0)));
+    let again = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        signal_hook::flag::register_conditional_default(sig, Arc::clone(&again))?;
+        signal_hook::flag::register(sig, Arc::clone(&again))?;
+    }
     for sig in [SIGINT, SIGTERM, SIGHUP] {
         signal_hook::flag::register_usize(sig, Arc::clone(pending), sig as usize)?;
     }
