@@ -60,9 +60,11 @@ impl Outcome {
         self.status.code()
     }
 
+    /// The run report: the last line of the `--json` event stream.
     fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", self))
+        let last = self.stdout.lines().rev().find(|l| !l.trim().is_empty());
+        serde_json::from_str(last.unwrap_or_default())
+            .unwrap_or_else(|e| panic!("the last stdout line is not JSON ({e}):\n{}", self))
     }
 }
 
@@ -275,8 +277,11 @@ fn check_after(env: &Env, slot_a: &str, what: &str, o: &Outcome) {
     if matches!(b["state"].as_str(), Some("good" | "trying")) {
         assert_eq!(in_b.as_deref(), Some(VERSION), "{what}: {st:#}");
     }
-    assert!(st["running"].is_null(), "{what}: a run in progress? {st:#}");
-    assert_eq!(st["last_run"]["verb"], "install", "{what}: {st:#}");
+    assert!(
+        st["run_in_progress"].is_null(),
+        "{what}: a run in progress? {st:#}"
+    );
+    assert_eq!(st["last_run"]["command"], "install", "{what}: {st:#}");
 }
 
 /// The next plain install succeeds, boots B next, and cleaned up after the
@@ -316,10 +321,10 @@ fn kill_matrix(env: Env, mode: &str) {
         assert_eq!(o.status.signal(), Some(9), "{what}: not killed\n{o}");
         check_after(&env, &slot_a, &what, &o);
         let st = env.status(Some("A"));
-        assert_eq!(st["last_run"]["result"], "running", "{what}: {st:#}");
+        assert_eq!(st["last_run"]["result"], "did-not-finish", "{what}: {st:#}");
         let text = env.abup(&["--booted-slot", "A", "status"]);
         assert!(
-            text.stdout.contains("last run: install did not finish"),
+            text.stdout.contains("last run:   install did-not-finish"),
             "{what}:\n{text}"
         );
         check_next_install(&env, &bundle, &what, o.pid);
@@ -380,9 +385,9 @@ fn signal_matrix(env: Env, mode: &str) {
                 assert_eq!(st["primary"], "A", "{what}: {st:#}");
                 assert_eq!(st["slots"]["B"]["state"], "empty", "{what}: {st:#}");
                 let last = &st["last_run"];
-                assert_eq!(last["result"], "interrupted", "{what}: {st:#}");
+                assert_eq!(last["result"], "failed", "{what}: {st:#}");
                 assert_eq!(last["signal"], sig.as_str(), "{what}: {st:#}");
-                assert_eq!(last["step"], want, "{what}: {st:#}");
+                assert_eq!(last["failed_step"], want, "{what}: {st:#}");
                 assert_eq!(last["exit_code"], 5, "{what}: {st:#}");
             }
             check_next_install(&env, &bundle, &what, o.pid);
@@ -459,7 +464,6 @@ fn injected_io_errors_at_write_record_and_flip() {
             assert!(err.contains("not confirmed durable"), "{what}: {err}");
             assert_eq!(st["primary"], "B", "{what}: {st:#}");
             assert_eq!(st["slots"]["B"]["state"], "trying", "{what}: {st:#}");
-            assert_eq!(st["last_run"]["result"], "flip-unconfirmed", "{what}");
         } else {
             env.assert_untouched(&before);
             assert_eq!(st["last_run"]["result"], "failed", "{what}");
@@ -534,14 +538,13 @@ fn two_configs_on_one_disk_exactly_one_proceeds() {
     run.failed(4, &[&format!("pid {pid}")]);
     // status shows the run in progress.
     let st = abup(&env.config, &["--json", "--booted-slot", "A", "status"]).json();
-    assert_eq!(st["running"]["pid"], pid, "{st:#}");
-    assert_eq!(st["running"]["verb"], "install");
-    assert_eq!(st["running"]["step"], "mark-bad");
+    assert_eq!(st["run_in_progress"]["pid"], pid, "{st:#}");
+    assert_eq!(st["run_in_progress"]["verb"], "install");
+    assert_eq!(st["run_in_progress"]["step"], "mark-bad");
     let text = abup(&env.config, &["--booted-slot", "A", "status"]);
     assert!(
-        text.stdout.contains(&format!(
-            "run in progress: pid {pid}, install, step mark-bad"
-        )),
+        text.stdout
+            .contains(&format!("running:    pid {pid}, install, step mark-bad")),
         "{text}"
     );
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
@@ -558,8 +561,10 @@ fn two_configs_on_one_disk_exactly_one_proceeds() {
         .to_string();
     assert!(!Path::new(&other_dir).join("slots.json").exists());
     let st = env.status(Some("A"));
-    assert!(st["running"].is_null());
-    assert_eq!(st["last_run"]["result"], "interrupted");
+    assert!(st["run_in_progress"].is_null());
+    assert_eq!(st["last_run"]["result"], "failed");
+    assert_eq!(st["last_run"]["signal"], "SIGTERM");
+    assert_eq!(st["last_run"]["exit_code"], 5);
     // Now the other config proceeds.
     let run = env.abup_with(
         &other,
