@@ -40,10 +40,30 @@ pub enum GrubEnvLocation {
     Partition { part: PartRef, path: PathBuf },
 }
 
+/// Where the U-Boot environment lives (one or two copies, same size).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UbootEnvLocation {
+    /// An `fw_env.config` naming the copies, read when the backend opens.
+    FwEnvConfig(PathBuf),
+    /// Copies in files or block devices of the running system, at offsets.
+    Direct {
+        size: usize,
+        copies: Vec<(PathBuf, u64)>,
+    },
+    /// Files on a partition of the disk (FAT or ext4, mounted or not),
+    /// rewritten in place.
+    Partition {
+        part: PartRef,
+        size: usize,
+        files: Vec<PathBuf>,
+    },
+}
+
 /// The boot backend, chosen once from the config.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BootConfig {
     Grub { env: GrubEnvLocation },
+    Uboot { env: UbootEnvLocation },
 }
 
 /// The validated system configuration.
@@ -120,6 +140,20 @@ impl SystemConfig {
         if !(1..=9).contains(&boot_tries) {
             bail!("boot.tries must be between 1 and 9, not {boot_tries}");
         }
+        let other_tables = [
+            ("grub", raw.boot.grub.is_some()),
+            ("uboot", raw.boot.uboot.is_some()),
+        ];
+        if let Some((t, _)) = other_tables
+            .iter()
+            .find(|(t, set)| *set && *t != raw.boot.backend)
+            .filter(|_| other_tables.iter().any(|(t, _)| *t == raw.boot.backend))
+        {
+            bail!(
+                "boot.{t} is set but boot.backend is {:?}; remove [boot.{t}] or set backend = {t:?}",
+                raw.boot.backend
+            );
+        }
         let boot = match raw.boot.backend.as_str() {
             "grub" => {
                 let g = raw.boot.grub.unwrap_or_default();
@@ -151,7 +185,12 @@ impl SystemConfig {
                 };
                 BootConfig::Grub { env }
             }
-            other => bail!("boot.backend {other:?} is not supported; supported backends: grub"),
+            "uboot" => BootConfig::Uboot {
+                env: uboot_location(raw.boot.uboot.unwrap_or_default())?,
+            },
+            other => {
+                bail!("boot.backend {other:?} is not supported; supported backends: grub, uboot")
+            }
         };
         if raw.compatible.trim().is_empty() {
             bail!("compatible must not be empty");
@@ -189,6 +228,78 @@ impl SystemConfig {
             data: raw.data.map(|d| d.into_ref("data")).transpose()?,
             migrate_timeout,
         })
+    }
+}
+
+/// Resolves `[boot.uboot]`: an fw_env.config, copies at paths, or files on
+/// a partition. Without any key, `/etc/fw_env.config` as fw_printenv does.
+fn uboot_location(u: RawUboot) -> Result<UbootEnvLocation> {
+    let size = |s: Option<u64>| -> Result<usize> {
+        let s = s.context("boot.uboot.size must be set (the environment size, e.g. 0x4000)")?;
+        usize::try_from(s)
+            .ok()
+            .filter(|&s| (16..=16 << 20).contains(&s))
+            .with_context(|| format!("boot.uboot.size {s:#x} must be between 0x10 and 16 MiB"))
+    };
+    let part = u.partlabel.is_some() || u.partuuid.is_some();
+    match (u.fw_env_config, u.envfile, part) {
+        (Some(f), None, false) => {
+            if u.size.is_some() || u.path.is_some() || u.redundant_path.is_some() {
+                bail!("boot.uboot.fw_env_config names the copies and sizes; set nothing else");
+            }
+            Ok(UbootEnvLocation::FwEnvConfig(absolute(
+                "boot.uboot.fw_env_config",
+                f,
+            )?))
+        }
+        (None, Some(f), false) => {
+            let mut copies = vec![(absolute("boot.uboot.envfile", f)?, u.offset.unwrap_or(0))];
+            match (u.redundant_envfile, u.redundant_offset) {
+                (None, None) => {}
+                (file, offset) => copies.push((
+                    absolute(
+                        "boot.uboot.redundant_envfile",
+                        file.unwrap_or_else(|| copies[0].0.clone()),
+                    )?,
+                    offset.unwrap_or(0),
+                )),
+            }
+            if copies.len() == 2 && copies[0] == copies[1] {
+                bail!("boot.uboot: the two copies are at the same place; set redundant_offset");
+            }
+            Ok(UbootEnvLocation::Direct {
+                size: size(u.size)?,
+                copies,
+            })
+        }
+        (None, None, true) => {
+            let part = PartSpec {
+                partlabel: u.partlabel,
+                partuuid: u.partuuid,
+            }
+            .into_ref("boot.uboot")?;
+            let mut files = vec![relative_inside(
+                "boot.uboot.path",
+                &u.path.unwrap_or_else(|| PathBuf::from("uboot.env")),
+            )?];
+            if let Some(r) = u.redundant_path {
+                files.push(relative_inside("boot.uboot.redundant_path", &r)?);
+            }
+            if files.len() == 2 && files[0] == files[1] {
+                bail!("boot.uboot: path and redundant_path must differ");
+            }
+            Ok(UbootEnvLocation::Partition {
+                part,
+                size: size(u.size)?,
+                files,
+            })
+        }
+        (None, None, false) => Ok(UbootEnvLocation::FwEnvConfig(PathBuf::from(
+            "/etc/fw_env.config",
+        ))),
+        _ => bail!(
+            "boot.uboot: set one of fw_env_config, envfile, or partlabel/partuuid (with path)"
+        ),
     }
 }
 
@@ -284,6 +395,22 @@ struct RawBoot {
     backend: String,
     tries: Option<u32>,
     grub: Option<RawGrub>,
+    uboot: Option<RawUboot>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawUboot {
+    fw_env_config: Option<PathBuf>,
+    envfile: Option<PathBuf>,
+    offset: Option<u64>,
+    redundant_envfile: Option<PathBuf>,
+    redundant_offset: Option<u64>,
+    size: Option<u64>,
+    partlabel: Option<String>,
+    partuuid: Option<String>,
+    path: Option<PathBuf>,
+    redundant_path: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -367,10 +494,68 @@ paths = ["/etc/hostname", "/etc/ssh"]
     }
 
     #[test]
+    fn uboot_locations() {
+        let with = |table: &str| {
+            let text = FULL
+                .replace("backend = \"grub\"", "backend = \"uboot\"")
+                .replace(
+                    "[boot.grub]\npartlabel = \"boot\"\npath = \"EFI/grubenv\"",
+                    table,
+                );
+            SystemConfig::parse(&text, Path::new("t")).map(|c| c.boot)
+        };
+        assert_eq!(
+            with("").unwrap(),
+            BootConfig::Uboot {
+                env: UbootEnvLocation::FwEnvConfig("/etc/fw_env.config".into())
+            }
+        );
+        assert_eq!(
+            with("[boot.uboot]\npartlabel = \"boot\"\nredundant_path = \"uboot-redund.env\"\nsize = 0x4000").unwrap(),
+            BootConfig::Uboot {
+                env: UbootEnvLocation::Partition {
+                    part: PartRef::Label("boot".into()),
+                    size: 0x4000,
+                    files: vec!["uboot.env".into(), "uboot-redund.env".into()]
+                }
+            }
+        );
+        assert_eq!(
+            with("[boot.uboot]\nenvfile = \"/dev/mmcblk0\"\noffset = 0x3000\nredundant_offset = 0x7000\nsize = 0x4000").unwrap(),
+            BootConfig::Uboot {
+                env: UbootEnvLocation::Direct {
+                    size: 0x4000,
+                    copies: vec![("/dev/mmcblk0".into(), 0x3000), ("/dev/mmcblk0".into(), 0x7000)]
+                }
+            }
+        );
+        for (table, want) in [
+            ("[boot.uboot]\nenvfile = \"/x\"", "size must be set"),
+            ("[boot.uboot]\nenvfile = \"/x\"\nsize = 4", "between"),
+            (
+                "[boot.uboot]\nenvfile = \"/x\"\nredundant_offset = 0\nsize = 64",
+                "same place",
+            ),
+            (
+                "[boot.uboot]\nenvfile = \"/x\"\npartlabel = \"b\"\nsize = 64",
+                "set one of",
+            ),
+            (
+                "[boot.uboot]\nfw_env_config = \"/e\"\nsize = 64",
+                "set nothing else",
+            ),
+            ("[boot.grub]\nenvfile = \"/g\"", "boot.grub is set"),
+        ] {
+            let err = format!("{:#}", with(table).unwrap_err());
+            assert!(err.contains(want), "{want:?} not in {err:?}");
+        }
+    }
+
+    #[test]
     fn refuses_bad_configs() {
         let cases = [
             (
-                FULL.replace("grub\"\ntries", "uboot\"\ntries"),
+                FULL.replace("grub\"\ntries", "lilo\"\ntries"),
                 "not supported",
             ),
             (FULL.replace("state_dir", "stat_dir"), "unknown field"),

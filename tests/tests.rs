@@ -8,6 +8,8 @@
 //! tests need root and working loop devices; loop devices and mounts are
 //! RAII guards, so a failing test leaks neither.
 
+#[path = "it/backends.rs"]
+mod backends;
 #[path = "it/bad_input.rs"]
 mod bad_input;
 #[path = "it/crash.rs"]

@@ -5,6 +5,8 @@
 //! by [`open`]; nothing else in abup knows which bootloader is in use.
 
 pub mod grub;
+pub mod uboot;
+pub mod ubootenv;
 
 use crate::slot::SlotName;
 use anyhow::Result;
@@ -47,7 +49,7 @@ pub trait BootBackend {
     fn set_state(&mut self, slot: SlotName, state: BootState) -> Result<()>;
 }
 
-use crate::config::{BootConfig, GrubEnvLocation};
+use crate::config::{BootConfig, GrubEnvLocation, UbootEnvLocation};
 use crate::disk::Disk;
 use crate::mount::TempMount;
 
@@ -61,6 +63,8 @@ pub struct OpenBackend {
     /// The partition device under that mount (a loop device abup attached,
     /// for image files); detached after the unmount.
     pub device: Option<crate::disk::PartDevice>,
+    /// The boot partition, for backends that keep files there.
+    pub part: Option<crate::bootpart::BootPart>,
 }
 
 /// Builds the configured backend. This is the only place that looks at
@@ -94,7 +98,114 @@ pub fn open(cfg: &BootConfig, tries: u32, disk: &Disk) -> Result<OpenBackend> {
                 backend: Box::new(grub::GrubBackend::open(&path, tries)?),
                 mount,
                 device,
+                part: None,
             })
+        }
+        BootConfig::Uboot { env } => {
+            let (store, part) = uboot_store(env, disk).map_err(|e| e.context("uboot backend"))?;
+            let backend =
+                uboot::UbootBackend::open(store, tries).map_err(|e| e.context("uboot backend"))?;
+            Ok(OpenBackend {
+                backend: Box::new(Named(backend)),
+                mount: None,
+                device: None,
+                part,
+            })
+        }
+    }
+}
+
+/// Puts "<name> backend: " before every error of the backend it wraps, so
+/// backends need not repeat it in each message.
+struct Named<B: BootBackend>(B);
+
+impl<B: BootBackend> Named<B> {
+    fn ctx<T>(&self, r: Result<T>) -> Result<T> {
+        r.map_err(|e| e.context(format!("{} backend", self.0.name())))
+    }
+}
+
+impl<B: BootBackend> BootBackend for Named<B> {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn primary(&self) -> Result<Option<SlotName>> {
+        self.ctx(self.0.primary())
+    }
+    fn set_primary(&mut self, slot: SlotName) -> Result<()> {
+        let r = self.0.set_primary(slot);
+        self.ctx(r)
+    }
+    fn state(&self, slot: SlotName) -> Result<BootSlotInfo> {
+        self.ctx(self.0.state(slot))
+    }
+    fn set_state(&mut self, slot: SlotName, state: BootState) -> Result<()> {
+        let r = self.0.set_state(slot, state);
+        self.ctx(r)
+    }
+}
+
+/// One copy of a U-Boot environment in a file on the boot partition.
+struct PartCopy(crate::bootpart::PartFile);
+
+impl ubootenv::EnvIo for PartCopy {
+    fn read(&self, len: usize) -> Result<Vec<u8>> {
+        self.0.read_at(0, len)
+    }
+    fn write(&self, data: &[u8]) -> Result<()> {
+        self.0.write_at(0, data)
+    }
+    fn describe(&self) -> String {
+        self.0.describe().to_string()
+    }
+}
+
+/// Resolves where the U-Boot environment is into its copies (and the boot
+/// partition handle they need while in use).
+fn uboot_store(
+    env: &UbootEnvLocation,
+    disk: &Disk,
+) -> Result<(ubootenv::EnvStore, Option<crate::bootpart::BootPart>)> {
+    use anyhow::Context;
+    let files = |size: usize, copies: Vec<(std::path::PathBuf, u64)>| {
+        let copies = copies
+            .into_iter()
+            .map(|(path, offset)| {
+                Box::new(ubootenv::FileCopy { path, offset }) as Box<dyn ubootenv::EnvIo>
+            })
+            .collect();
+        ubootenv::EnvStore::new(size, copies)
+    };
+    match env {
+        UbootEnvLocation::FwEnvConfig(cfg) => {
+            let text = std::fs::read_to_string(cfg).with_context(|| {
+                format!(
+                    "reading {}: create it as for fw_printenv, or set [boot.uboot] in the config",
+                    cfg.display()
+                )
+            })?;
+            let lines = ubootenv::parse_fw_env_config(&text, cfg)?;
+            let size = lines[0].size;
+            Ok((
+                files(
+                    size,
+                    lines.into_iter().map(|l| (l.path, l.offset)).collect(),
+                )?,
+                None,
+            ))
+        }
+        UbootEnvLocation::Direct { size, copies } => Ok((files(*size, copies.clone())?, None)),
+        UbootEnvLocation::Partition {
+            part,
+            size,
+            files: names,
+        } => {
+            let bp = crate::bootpart::BootPart::open(disk, part)?;
+            let copies = names
+                .iter()
+                .map(|n| Ok(Box::new(PartCopy(bp.file(n)?)) as Box<dyn ubootenv::EnvIo>))
+                .collect::<Result<Vec<_>>>()?;
+            Ok((ubootenv::EnvStore::new(*size, copies)?, Some(bp)))
         }
     }
 }

@@ -701,6 +701,7 @@ pub struct ConfigOpts {
 pub struct EnvBuilder {
     sector: u32,
     grub: GrubLoc,
+    uboot: Option<UbootLoc>,
     preserve: Vec<String>,
     slot_b_by_uuid: bool,
     kernel_partitions: bool,
@@ -713,6 +714,11 @@ impl EnvBuilder {
     }
     pub fn grub(mut self, g: GrubLoc) -> Self {
         self.grub = g;
+        self
+    }
+    /// The U-Boot backend instead of GRUB, with its environment at `u`.
+    pub fn uboot(mut self, u: UbootLoc) -> Self {
+        self.uboot = Some(u);
         self
     }
     pub fn preserve(mut self, paths: &[&str]) -> Self {
@@ -761,6 +767,9 @@ impl EnvBuilder {
             let m = disk.mount("boot", true);
             fs::create_dir_all(m.path().join("grub")).unwrap();
             grub_editenv_init(&m.path().join("grub/grubenv"), INITIAL_ENV);
+        }
+        if let Some(u) = self.uboot {
+            uboot_env_init(&disk, &root, u, UBOOT_INITIAL_ENV);
         }
         let envfile = root.join("grubenv");
         if self.grub == GrubLoc::File {
@@ -822,6 +831,7 @@ impl EnvBuilder {
             state_dir: root.join("state"),
             envfile,
             grub: self.grub,
+            uboot: self.uboot,
             running,
             secret,
             public: public.clone(),
@@ -845,6 +855,8 @@ pub struct Env {
     pub state_dir: PathBuf,
     pub envfile: PathBuf,
     pub grub: GrubLoc,
+    /// Set when the env uses the U-Boot backend (then `grub` is unused).
+    pub uboot: Option<UbootLoc>,
     pub running: PathBuf,
     pub secret: PathBuf,
     pub public: PathBuf,
@@ -857,6 +869,7 @@ impl Env {
         EnvBuilder {
             sector: 512,
             grub: GrubLoc::Partition,
+            uboot: None,
             preserve: vec![
                 "/etc/hostname".into(),
                 "/etc/ssh".into(),
@@ -892,6 +905,10 @@ impl Env {
             GrubLoc::Partition => "partlabel = \"boot\"\npath = \"grub/grubenv\"".to_string(),
             GrubLoc::File => format!("envfile = {}", q(&self.envfile)),
         };
+        let (backend, grub) = match self.uboot {
+            None => ("grub", format!("[boot.grub]\n{grub}")),
+            Some(u) => ("uboot", format!("[boot.uboot]\n{}", u.config(&self.root))),
+        };
         let list = |v: Vec<String>| v.join(", ");
         let text = format!(
             r#"compatible = "{COMPATIBLE}"
@@ -903,9 +920,8 @@ partlabel = "rootA"
 [slots.B]
 {slot_b}
 [boot]
-backend = "grub"
+backend = "{backend}"
 tries = {tries}
-[boot.grub]
 {grub}
 [keys]
 trusted = [{trusted}]
@@ -999,6 +1015,15 @@ paths = [{paths}]
         }
     }
 
+    /// The raw bytes of the boot environment: the grubenv, or the U-Boot
+    /// environment's copies one after the other.
+    pub fn boot_env_bytes(&self) -> Vec<u8> {
+        match self.uboot {
+            None => self.grubenv_bytes(),
+            Some(u) => uboot_env_bytes(&self.disk, &self.root, u),
+        }
+    }
+
     /// `grub-editenv list` of the environment block (on a copy, so the boot
     /// partition is only ever mounted read-only).
     pub fn grubenv(&self) -> BTreeMap<String, String> {
@@ -1012,7 +1037,7 @@ paths = [{paths}]
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             slot_a: self.disk.sha256_of_partition("rootA"),
-            grubenv: self.grubenv_bytes(),
+            grubenv: self.boot_env_bytes(),
         }
     }
 
@@ -1023,7 +1048,7 @@ paths = [{paths}]
             before.slot_a,
             "slot A (the booted slot) changed"
         );
-        let now = self.grubenv_bytes();
+        let now = self.boot_env_bytes();
         assert!(
             now == before.grubenv,
             "the grubenv changed:\nbefore: {}\nafter:  {}",
@@ -1357,4 +1382,176 @@ pub fn names_in(dir: &Path) -> HashSet<String> {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n != "lost+found")
         .collect()
+}
+
+// ---------------------------------------------------------------------------
+// U-Boot environments, checked with the real fw_printenv / fw_setenv
+// ---------------------------------------------------------------------------
+
+/// The U-Boot environment every U-Boot test disk starts with.
+pub const UBOOT_INITIAL_ENV: &[(&str, &str)] = &[
+    ("BOOT_ORDER", "A B"),
+    ("BOOT_A_LEFT", "3"),
+    ("BOOT_B_LEFT", "0"),
+];
+
+/// Size of the test U-Boot environments (as on the QEMU board's FAT).
+pub const UBOOT_ENV_SIZE: usize = 0x4000;
+
+/// Where a test's U-Boot environment lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UbootLoc {
+    /// `uboot.env` + `uboot-redund.env` on the FAT boot partition
+    /// (unmounted: abup rewrites their clusters in place).
+    FatRedundant,
+    /// `uboot.env` alone on the FAT boot partition.
+    FatSingle,
+    /// Two copies at offsets 0x10000 and 0x20000 of a raw "flash" image,
+    /// configured through an `fw_env.config`.
+    FlashOffsets,
+}
+
+impl UbootLoc {
+    fn files(self) -> &'static [&'static str] {
+        match self {
+            UbootLoc::FatRedundant => &["uboot.env", "uboot-redund.env"],
+            UbootLoc::FatSingle => &["uboot.env"],
+            UbootLoc::FlashOffsets => &[],
+        }
+    }
+
+    /// The `[boot.uboot]` body.
+    pub fn config(self, root: &Path) -> String {
+        match self {
+            UbootLoc::FatRedundant => format!(
+                "partlabel = \"boot\"\npath = \"uboot.env\"\nredundant_path = \"uboot-redund.env\"\nsize = {UBOOT_ENV_SIZE:#x}"
+            ),
+            UbootLoc::FatSingle => {
+                format!("partlabel = \"boot\"\npath = \"uboot.env\"\nsize = {UBOOT_ENV_SIZE:#x}")
+            }
+            UbootLoc::FlashOffsets => {
+                format!("fw_env_config = {:?}", s(&root.join("fw_env.config")))
+            }
+        }
+    }
+
+    fn redundant(self) -> bool {
+        self != UbootLoc::FatSingle
+    }
+}
+
+/// Makes the boot partition FAT with the env files, or the flash image.
+pub fn uboot_env_init(disk: &TestDisk, root: &Path, u: UbootLoc, vars: &[(&str, &str)]) {
+    let text: String = vars.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+    let vars_file = root.join("uboot-vars.txt");
+    fs::write(&vars_file, text).unwrap();
+    let image = root.join("uboot-env.bin");
+    let mut cmd = Command::new("mkenvimage");
+    if u.redundant() {
+        cmd.arg("-r");
+    }
+    sh(cmd
+        .args(["-p", "0", "-s", &UBOOT_ENV_SIZE.to_string(), "-o"])
+        .arg(&image)
+        .arg(&vars_file));
+    if u == UbootLoc::FlashOffsets {
+        let flash = root.join("flash.img");
+        let env = fs::read(&image).unwrap();
+        let mut data = vec![0xffu8; 0x30000];
+        data[0x10000..0x10000 + env.len()].copy_from_slice(&env);
+        data[0x20000..0x20000 + env.len()].copy_from_slice(&env);
+        fs::write(&flash, data).unwrap();
+        fs::write(
+            root.join("fw_env.config"),
+            format!(
+                "# test flash\n{f} 0x10000 {UBOOT_ENV_SIZE:#x}\n{f} 0x20000 {UBOOT_ENV_SIZE:#x}\n",
+                f = s(&flash)
+            ),
+        )
+        .unwrap();
+        return;
+    }
+    let lo = disk.attach("boot", false);
+    sh(Command::new("mkfs.vfat")
+        .args(["-n", "BOOT"])
+        .arg(lo.path()));
+    for f in u.files() {
+        sh(Command::new("mcopy")
+            .arg("-i")
+            .arg(lo.path())
+            .arg(&image)
+            .arg(format!("::{f}")));
+    }
+}
+
+/// Copies the env out of the disk into plain files and writes an
+/// `fw_env.config` for them; returns the config's path.
+fn uboot_env_export(disk: &TestDisk, root: &Path, u: UbootLoc) -> PathBuf {
+    if u == UbootLoc::FlashOffsets {
+        return root.join("fw_env.config");
+    }
+    let dir = root.join("uboot-export");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    let lo = disk.attach("boot", true);
+    let mut cfg = String::new();
+    for f in u.files() {
+        let out = dir.join(f);
+        sh(Command::new("mcopy")
+            .arg("-i")
+            .arg(lo.path())
+            .arg(format!("::{f}"))
+            .arg(&out));
+        cfg += &format!("{} 0x0 {UBOOT_ENV_SIZE:#x}\n", s(&out));
+    }
+    fs::write(dir.join("fw_env.config"), cfg).unwrap();
+    dir.join("fw_env.config")
+}
+
+/// The bytes of every copy of the environment, one after the other.
+pub fn uboot_env_bytes(disk: &TestDisk, root: &Path, u: UbootLoc) -> Vec<u8> {
+    let cfg = uboot_env_export(disk, root, u);
+    let mut all = Vec::new();
+    for line in fs::read_to_string(cfg).unwrap().lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 3 || f[0].starts_with('#') {
+            continue;
+        }
+        let off = u64::from_str_radix(f[1].trim_start_matches("0x"), 16).unwrap();
+        let data = fs::read(f[0]).unwrap();
+        all.extend_from_slice(&data[off as usize..off as usize + UBOOT_ENV_SIZE]);
+    }
+    all
+}
+
+/// `fw_printenv` of the test's U-Boot environment.
+pub fn fw_printenv(disk: &TestDisk, root: &Path, u: UbootLoc) -> BTreeMap<String, String> {
+    let cfg = uboot_env_export(disk, root, u);
+    let out = sh(Command::new("fw_printenv").arg("-c").arg(&cfg));
+    out.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// `fw_setenv NAME VALUE` on the test's U-Boot environment (as U-Boot's
+/// boot script would change it), written back to the disk.
+pub fn fw_setenv(disk: &TestDisk, root: &Path, u: UbootLoc, name: &str, value: &str) {
+    let cfg = uboot_env_export(disk, root, u);
+    sh(Command::new("fw_setenv")
+        .arg("-c")
+        .arg(&cfg)
+        .args([name, value]));
+    if u == UbootLoc::FlashOffsets {
+        return;
+    }
+    let lo = disk.attach("boot", false);
+    for f in u.files() {
+        sh(Command::new("mcopy")
+            .arg("-o")
+            .arg("-i")
+            .arg(lo.path())
+            .arg(root.join("uboot-export").join(f))
+            .arg(format!("::{f}")));
+    }
 }
