@@ -1472,8 +1472,9 @@ pub fn uboot_env_init(disk: &TestDisk, root: &Path, u: UbootLoc, vars: &[(&str, 
         return;
     }
     let lo = disk.attach("boot", false);
+    // -I: a reused loop number may still show another user's partitions.
     sh(Command::new("mkfs.vfat")
-        .args(["-n", "BOOT"])
+        .args(["-I", "-n", "BOOT"])
         .arg(lo.path()));
     for f in u.files() {
         sh(Command::new("mcopy")
