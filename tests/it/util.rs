@@ -1483,6 +1483,14 @@ pub fn uboot_env_init(disk: &TestDisk, root: &Path, u: UbootLoc, vars: &[(&str, 
             .arg(&image)
             .arg(format!("::{f}")));
     }
+    flushbufs(lo.path());
+}
+
+/// Writes back and drops the page cache of a loop device: a loop number
+/// reused from another user may otherwise serve stale blocks, and blocks
+/// written through it must reach the image before it is detached.
+fn flushbufs(dev: &Path) {
+    sh(Command::new("blockdev").arg("--flushbufs").arg(dev));
 }
 
 /// Copies the env out of the disk into plain files and writes an
@@ -1495,6 +1503,7 @@ fn uboot_env_export(disk: &TestDisk, root: &Path, u: UbootLoc) -> PathBuf {
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
     let lo = disk.attach("boot", true);
+    flushbufs(lo.path());
     let mut cfg = String::new();
     for f in u.files() {
         let out = dir.join(f);
@@ -1555,4 +1564,5 @@ pub fn fw_setenv(disk: &TestDisk, root: &Path, u: UbootLoc, name: &str, value: &
             .arg(root.join("uboot-export").join(f))
             .arg(format!("::{f}")));
     }
+    flushbufs(lo.path());
 }
