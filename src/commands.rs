@@ -68,7 +68,10 @@ pub fn run(cli: &Cli) -> Result<i32> {
         Command::History { count } => history_verb(cli, *count),
         Command::Events { count } => events_verb(cli, *count),
         Command::Completions { shell } => {
-            clap_complete::generate(*shell, &mut Cli::command(), "abup", &mut std::io::stdout());
+            // Into a buffer first: clap_complete panics on a closed stdout.
+            let mut buf = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "abup", &mut buf);
+            crate::out!("{}", String::from_utf8_lossy(&buf));
             Ok(report::EXIT_OK)
         }
         Command::Manpage { out_dir } => manpage(out_dir.as_deref()),

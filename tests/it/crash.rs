@@ -536,6 +536,14 @@ fn two_configs_on_one_disk_exactly_one_proceeds() {
     }
     let run = abup(&other, &["--booted-slot", "A", "mark-good", "A"]);
     run.failed(4, &[&format!("pid {pid}")]);
+    // The running install has the boot partition mounted in its own mount
+    // namespace only: the system sees none of its mounts.
+    let own = fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    assert!(
+        own.contains(&format!("/run/abup/mnt-{pid}/")),
+        "the install mounts nothing?\n{own}"
+    );
+    assert_eq!(mounts_left(&env, pid), Vec::<String>::new());
     // status shows the run in progress.
     let st = abup(&env.config, &["--json", "--booted-slot", "A", "status"]).json();
     assert_eq!(st["run_in_progress"]["pid"], pid, "{st:#}");
@@ -577,7 +585,13 @@ fn two_configs_on_one_disk_exactly_one_proceeds() {
 #[test]
 fn closed_stdout_is_not_a_crash() {
     let env = Env::new();
-    for args in [vec!["status"], vec!["--json", "status"], vec!["--help"]] {
+    for args in [
+        vec!["status"],
+        vec!["--json", "status"],
+        vec!["--help"],
+        vec!["completions", "bash"],
+        vec!["history"],
+    ] {
         let (r, w) = nix::unistd::pipe().unwrap();
         drop(r);
         let status = Command::new(abup_bin())
