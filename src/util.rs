@@ -7,6 +7,7 @@
 use anyhow::{bail, Context, Result};
 use std::fs::{self, File};
 use std::io::Write;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 
@@ -14,8 +15,26 @@ use std::process::Command;
 ///
 /// A non-zero exit becomes an error of the form
 /// `{step}: {program args…} exited with 1: {stderr}`.
+///
+/// The command dies with abup (`PR_SET_PDEATHSIG`): a killed abup must not
+/// leave a `mkfs.ext4` writing to a slot that the next run formats again.
 pub fn run(step: &str, cmd: &mut Command) -> Result<String> {
     let shown = format!("{cmd:?}").replace('"', "");
+    let parent = nix::unistd::getpid();
+    // SAFETY: the closure runs between fork and exec and only makes
+    // async-signal-safe system calls (prctl, getppid).
+    unsafe {
+        cmd.pre_exec(move || {
+            if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // abup died before prctl took effect: do not start at all.
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
+            }
+            Ok(())
+        })
+    };
     let out = cmd
         .output()
         .with_context(|| format!("{step}: starting {shown}"))?;
