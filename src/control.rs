@@ -5,6 +5,7 @@
 //! and its record, and says what it did in one line.
 
 use crate::boot::BootState;
+use crate::migrate::data;
 use crate::slot::SlotName;
 use crate::state::Content;
 use crate::system::{Status, System};
@@ -55,6 +56,15 @@ pub fn format_status(st: &Status) -> String {
             crate::runlog::describe(l, st.running.is_some())
         );
     }
+    if let Some(p) = &st.pending_data {
+        out += &format!(
+            "staged data: for slot {} (version {}): {}; committed by `abup mark-good` of slot {}, discarded if it falls back\n",
+            p.slot,
+            p.version,
+            p.entries.join(", "),
+            p.slot
+        );
+    }
     out
 }
 
@@ -63,13 +73,15 @@ pub fn format_status(st: &Status) -> String {
 pub fn mark_good(sys: &mut System, slot: SlotName) -> Result<String> {
     refuse_incomplete(sys, slot)?;
     set_state(sys, slot, BootState::Good)?;
-    Ok(format!("slot {slot} marked good"))
+    let staged = data::on_mark_good(sys, slot)?;
+    Ok(data::with_note(format!("slot {slot} marked good"), staged))
 }
 
 /// `mark-bad`: the bootloader must not boot the slot.
 pub fn mark_bad(sys: &mut System, slot: SlotName) -> Result<String> {
     set_state(sys, slot, BootState::Bad)?;
-    Ok(format!("slot {slot} marked bad"))
+    let staged = data::discard(sys, slot, "marked bad")?;
+    Ok(data::with_note(format!("slot {slot} marked bad"), staged))
 }
 
 /// `mark-active`: boot the slot next, with a fresh try counter.
@@ -81,7 +93,11 @@ pub fn mark_active(sys: &mut System, slot: SlotName) -> Result<String> {
             r.inactive = false;
         }
     })?;
-    Ok(format!("slot {slot} is now primary"))
+    let staged = data::settle(sys)?;
+    Ok(data::with_note(
+        format!("slot {slot} is now primary"),
+        staged,
+    ))
 }
 
 /// Sets the slot's state in the bootloader and whether its record is blessed.
@@ -126,5 +142,9 @@ pub fn rollback(sys: &mut System) -> Result<String> {
         );
     }
     sys.backend().set_primary(to)?;
-    Ok(format!("slot {to} is now primary; reboot to start it"))
+    let staged = data::discard(sys, from, "rolled back from it")?;
+    Ok(data::with_note(
+        format!("slot {to} is now primary; reboot to start it"),
+        staged,
+    ))
 }

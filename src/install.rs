@@ -3,8 +3,8 @@
 //! Nothing is written before the checks return a [`Plan`]. Then: the spare
 //! slot is marked bad (and its record set to incomplete) before it is
 //! touched; the payload is streamed onto it and verified; preserved paths are
-//! copied in; the slot's record is written; and only then is the spare made
-//! primary — the only flip, and the last write.
+//! copied in and the image's migrations run; the slot's record is written;
+//! and only then is the spare made primary — the only flip, and the last write.
 
 use crate::bundle::manifest::{Manifest, Payload, PayloadKind, ROOTFS};
 use crate::bundle::reader::{
@@ -166,9 +166,9 @@ fn transaction(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
         let new_root = rep.step("preserve", Write, || {
             migrate::preserve_step(&sys, target, new_root)
         })?;
-        if let Some(m) = new_root {
-            m.unmount()?;
-        }
+        rep.step("migrate", Write, || {
+            migrate::migrate_step(&sys, target, &manifest.version.to_string(), new_root)
+        })?;
         rep.step("record", Write, || {
             record(&sys, target, &header, opts.no_activate)
         })?;
@@ -178,7 +178,9 @@ fn transaction(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
             short(&header.bundle_sha256),
             manifest.version
         );
-        for step in ["mark-bad", "write", "verify", "preserve", "record"] {
+        for step in [
+            "mark-bad", "write", "verify", "preserve", "migrate", "record",
+        ] {
             rep.skip(step, &why);
         }
     }

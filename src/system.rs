@@ -125,6 +125,7 @@ impl System {
             slots,
             running: crate::lock::running(&self.cfg.disk),
             last_run: crate::runlog::load(&self.cfg.state_dir),
+            pending_data: crate::migrate::data::pending(&self.cfg.state_dir)?,
         })
     }
 
@@ -169,6 +170,8 @@ pub struct Status {
     pub running: Option<crate::lock::RunInfo>,
     /// How the last run that held the lock ended (or that it is running).
     pub last_run: Option<crate::runlog::LastRun>,
+    /// Data a new slot's migrations staged, waiting for its `mark-good`.
+    pub pending_data: Option<crate::migrate::data::Pending>,
 }
 
 /// One slot in `abup status`.

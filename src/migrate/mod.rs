@@ -13,8 +13,10 @@
 //! `preserve.from` when set, or in a rescue system the primary slot mounted
 //! read-only.
 
+pub mod data;
 pub mod preserve;
 pub mod rules;
+pub mod run;
 pub mod tree;
 
 use crate::mount::{Access, TempMount};
@@ -230,4 +232,114 @@ pub fn preserve_step(
     } else {
         Done::changed(Some(new), comment)
     })
+}
+
+/// The install's `migrate` step: runs the new image's migrations in their
+/// sandbox, records data they staged, and unmounts the new root. Any failure
+/// drops what was staged for the target and aborts before the flip.
+pub fn migrate_step(
+    sys: &System,
+    target: SlotName,
+    new_version: &str,
+    mounted: Option<TempMount>,
+) -> Result<Done<()>> {
+    let Some(new) = mounted else {
+        return Ok(Done::unchanged(
+            (),
+            "the raw image holds no migrations (or is not ext4)",
+        ));
+    };
+    let new_tree = Tree::open(new.path(), "new root")?;
+    let names = run::list(&new_tree)?;
+    let data = data::DataMount::open(sys)?;
+    let staging = data.as_ref().map(|d| d.fresh(target)).transpose()?;
+    let ran = if names.is_empty() {
+        Ok((Vec::new(), String::new()))
+    } else {
+        run_all(
+            sys,
+            target,
+            new_version,
+            &new,
+            &new_tree,
+            &names,
+            &data,
+            staging.as_deref(),
+        )
+    };
+    let staged = match &data {
+        Some(dm) => {
+            if ran.is_err() {
+                dm.fresh(target)?;
+            }
+            data::finish(sys, dm, target, new_version)?
+        }
+        None => Vec::new(),
+    };
+    if let Some(dm) = data {
+        dm.close()?;
+    }
+    let (ran, old_what) = ran?;
+    drop(new_tree);
+    new.unmount()?;
+    if ran.is_empty() {
+        return Ok(Done::unchanged(
+            (),
+            format!("no migrations in /{MIGRATE_DIR}"),
+        ));
+    }
+    let list: Vec<String> = ran
+        .iter()
+        .map(|r| format!("{} ({:.1} s)", r.name, r.secs))
+        .collect();
+    let mut comment = format!(
+        "ran {} migration(s) (old root: {old_what}): {}",
+        ran.len(),
+        list.join(", ")
+    );
+    if !staged.is_empty() {
+        comment += &format!(
+            "; data staged for slot {target}: {} (committed by `abup mark-good`, discarded on fallback)",
+            staged.join(", ")
+        );
+    }
+    Ok(Done::changed((), comment))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_all(
+    sys: &System,
+    target: SlotName,
+    new_version: &str,
+    new: &TempMount,
+    new_tree: &Tree,
+    names: &[String],
+    data: &Option<data::DataMount>,
+    staging: Option<&Path>,
+) -> Result<(Vec<run::Ran>, String)> {
+    let old = old_root(sys, target)?;
+    let (old_path, old_what) = match &old {
+        Ok(o) => (Some(o.path.as_path()), o.what.clone()),
+        Err(why) => (None, why.clone()),
+    };
+    let mut vars = vec![
+        ("ABUP_NEW_VERSION".to_string(), new_version.to_string()),
+        ("ABUP_TARGET_SLOT".to_string(), target.to_string()),
+    ];
+    if let Some(v) = old_version(sys, target)? {
+        vars.push(("ABUP_OLD_VERSION".to_string(), v));
+    }
+    let sb = run::Sandbox {
+        new_root: new.path(),
+        old_root: old_path,
+        data: data.as_ref().map(|d| d.path()),
+        staging,
+        vars,
+        timeout: sys.cfg.migrate_timeout,
+    };
+    let mut ran = Vec::new();
+    for n in names {
+        ran.push(run::run(&sb, new_tree, n)?);
+    }
+    Ok((ran, old_what))
 }

@@ -446,7 +446,9 @@ fn reinstalling_the_same_bundle_skips_the_write_unless_forced() {
 
     let report = env.install_ok("A", &bundle, &[]);
     assert_eq!(step_names(&report), INSTALL_STEPS, "{report:#}");
-    for step in ["mark-bad", "write", "verify", "preserve", "record"] {
+    for step in [
+        "mark-bad", "write", "verify", "preserve", "migrate", "record",
+    ] {
         assert_eq!(
             step_state(&report, step),
             "unchanged",

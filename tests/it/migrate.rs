@@ -45,6 +45,38 @@ fn rules_config(env: &Env, rules: &str) -> std::path::PathBuf {
     })
 }
 
+/// Sets grubenv variables as GRUB's own `save_env` would (the env lives on
+/// the boot partition in the default test world).
+fn set_grubenv(env: &Env, vars: &[(&str, &str)]) {
+    let boot = env.disk.mount("boot", true);
+    let mut cmd = Command::new("grub-editenv");
+    cmd.arg(boot.path().join("grub/grubenv")).arg("set");
+    for (k, v) in vars {
+        cmd.arg(format!("{k}={v}"));
+    }
+    sh(&mut cmd);
+}
+
+/// Formats the data partition and writes `files` (path, content) on it.
+fn data_partition(env: &Env, files: &[(&str, &str)]) {
+    env.disk.mkfs("data");
+    let d = env.disk.mount("data", true);
+    for (path, content) in files {
+        write(d.path(), path, content, 0o644);
+    }
+}
+
+/// Every path of the data partition with its type, mode, owner and content
+/// hash (abup's own staging directory and lost+found left out): what the
+/// old slot sees of its data.
+fn data_tree(env: &Env) -> String {
+    let d = env.disk.mount("data", false);
+    sh(Command::new("sh").arg("-c").arg(format!(
+        "cd '{}' && find . -path ./lost+found -prune -o -path ./.abup-staging -prune -o -printf '%p %y %m %U:%G %s\n' -exec sh -c 'test -f \"$1\" && sha256sum \"$1\" || true' _ {{}} \\; | LC_ALL=C sort",
+        s(d.path())
+    )))
+}
+
 fn install_with(env: &Env, config: &Path, bundle: &Path) -> serde_json::Value {
     let run = env.abup_with(
         config,
@@ -397,4 +429,381 @@ fn bad_rules_are_refused_before_anything_is_written() {
     );
     run.failed(1, &["/etc/wireguard/wg0.conf", "does not exist"]);
     env.assert_untouched(&before);
+}
+
+// ---------------------------------------------------------------------------
+// Migrations shipped in the image, and data staging
+// ---------------------------------------------------------------------------
+
+/// Programs the test migrations use, as busybox applets.
+const APPLETS: &[&str] = &[
+    "sh", "awk", "tr", "sed", "md5sum", "mkdir", "chmod", "chown", "mv", "cat", "echo", "printf",
+    "ls", "sleep", "touch", "mknod", "mount", "rm", "test", "[",
+];
+
+/// A rootfs for `version` holding busybox (the image's /bin/sh) and the
+/// migrations `(name, script)`.
+fn rootfs_with_migrations(
+    env: &Env,
+    version: &str,
+    migrations: &[(&str, &str)],
+) -> std::path::PathBuf {
+    let dir = env.path("rootfs");
+    simple_rootfs(&dir, version);
+    let bin = dir.join("usr/bin");
+    fs::copy("/bin/busybox", bin.join("busybox")).expect("copying /bin/busybox (busybox-static)");
+    for a in APPLETS {
+        symlink("busybox", bin.join(a)).unwrap();
+    }
+    for (name, script) in migrations {
+        write(
+            &dir,
+            &format!("usr/lib/abup/migrate.d/{name}"),
+            script,
+            0o755,
+        );
+    }
+    dir
+}
+
+fn fixture_wifi_migration() -> String {
+    read(&Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/migrations/wifi-to-networkmanager/usr/lib/abup/migrate.d/10-wifi-to-networkmanager"))
+}
+
+/// The key=value lines of a keyfile section.
+fn keyfile_section(text: &str, section: &str) -> Vec<String> {
+    let mut inside = false;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.starts_with('[') {
+            inside = line == format!("[{section}]");
+        } else if inside && !line.is_empty() {
+            out.push(line.to_string());
+        }
+    }
+    out
+}
+
+#[test]
+fn the_wifi_example_turns_legacy_json_into_networkmanager_keyfiles() {
+    let env = Env::new();
+    let legacy = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/migrations/wifi-to-networkmanager/legacy-config.json");
+    write(
+        &env.running,
+        "etc/legacy/config.json",
+        &read(&legacy),
+        0o600,
+    );
+    let script = fixture_wifi_migration();
+    let dir = rootfs_with_migrations(&env, "2.0.0", &[("10-wifi-to-networkmanager", &script)]);
+    let bundle = env.bundle(Source::Rootfs(&dir), "2.0.0", "zstd");
+    let before = env.disk.sha256_of_partition("rootA");
+    let report = install_with(&env, &env.config, &bundle);
+    assert_eq!(step_state(&report, "migrate"), "changed", "{report:#}");
+    assert!(
+        step_comment(&report, "migrate").contains("10-wifi-to-networkmanager"),
+        "{report:#}"
+    );
+    assert_eq!(env.grubenv()["ORDER"], "B A");
+
+    let b = env.disk.mount("rootB", false);
+    let conns = b.path().join("etc/NetworkManager/system-connections");
+    assert_eq!(mode_owner(&conns), (0o700, 0, 0));
+    let mut names: Vec<String> = names_in(&conns).into_iter().collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "Caf____Backroom_.nmconnection",
+            "Guest.nmconnection",
+            "Home_Network.nmconnection",
+            "Legacy_Office.nmconnection"
+        ],
+        "one keyfile per valid network; the one with a 3-character PSK is skipped"
+    );
+    for n in &names {
+        assert_eq!(mode_owner(&conns.join(n)), (0o600, 0, 0), "{n}");
+    }
+    let home = read(&conns.join("Home_Network.nmconnection"));
+    let conn = keyfile_section(&home, "connection");
+    assert!(conn.contains(&"id=Home Network".to_string()), "{home}");
+    assert!(conn.contains(&"type=wifi".to_string()), "{home}");
+    assert!(
+        conn.iter().any(|l| l.starts_with("uuid=") && l.len() == 41),
+        "{home}"
+    );
+    assert_eq!(
+        keyfile_section(&home, "wifi"),
+        ["mode=infrastructure", "ssid=Home Network"]
+    );
+    assert_eq!(
+        keyfile_section(&home, "wifi-security"),
+        ["key-mgmt=wpa-psk", "psk=correct horse battery"]
+    );
+    assert_eq!(keyfile_section(&home, "ipv4"), ["method=auto"]);
+
+    let cafe = read(&conns.join("Caf____Backroom_.nmconnection"));
+    assert_eq!(
+        keyfile_section(&cafe, "wifi"),
+        [
+            "mode=infrastructure",
+            "ssid=Café \"Backroom\"",
+            "hidden=true"
+        ],
+        "\\u00e9 decoded to UTF-8, quotes unescaped, hidden kept"
+    );
+    assert_eq!(
+        keyfile_section(&cafe, "wifi-security"),
+        ["key-mgmt=wpa-psk", "psk=back\\\\slash-key"],
+        "a backslash is escaped as GKeyFile wants"
+    );
+    let guest = read(&conns.join("Guest.nmconnection"));
+    assert!(
+        keyfile_section(&guest, "wifi-security").is_empty(),
+        "an open network has no security section: {guest}"
+    );
+    let office = read(&conns.join("Legacy_Office.nmconnection"));
+    assert!(office.contains("psk=legacy-secret-1"), "{office}");
+    drop(b);
+    assert_eq!(
+        env.disk.sha256_of_partition("rootA"),
+        before,
+        "the old root changed"
+    );
+}
+
+/// A failing and a hanging migration: the install fails with exit 1 before
+/// the flip, and the error names the migration and shows its output.
+#[test]
+fn a_failing_or_hanging_migration_leaves_the_boot_settings_unflipped() {
+    let env = Env::new();
+    data_partition(&env, &[("app/db.json", "{\"schema\": 1}\n")]);
+    let data_at_start = data_tree(&env);
+    let before = env.snapshot();
+    let dir = rootfs_with_migrations(
+        &env,
+        "2.0.0",
+        &[
+            ("10-ok", "#!/bin/sh\necho first ran > /etc/first-ran\n"),
+            (
+                "20-broken",
+                "#!/bin/sh\necho staged > \"$ABUP_DATA_STAGING/half-done\"\necho \"checking $ABUP_OLD_VERSION -> $ABUP_NEW_VERSION\"\necho 'cannot convert /etc/app.conf' >&2\nexit 3\n",
+            ),
+        ],
+    );
+    let bundle = env.bundle(Source::Rootfs(&dir), "2.0.0", "zstd");
+    let data = env.config_with(|o| o.extra = "[data]\npartlabel = \"data\"\n".to_string());
+    let run = env.abup_with(&data, &["--booted-slot", "A", "install", s(&bundle)], None);
+    run.failed(
+        1,
+        &[
+            "migrate",
+            "20-broken",
+            "exited with 3",
+            "cannot convert /etc/app.conf",
+            "-> 2.0.0",
+        ],
+    );
+    env.assert_untouched(&before);
+    assert_eq!(data_tree(&env), data_at_start, "the data changed");
+    {
+        let d = env.disk.mount("data", false);
+        assert!(
+            !d.path().join(".abup-staging/B").exists(),
+            "staged data kept"
+        );
+    }
+    let st = env.status(Some("A"));
+    assert_eq!(st["primary"], "A", "{st:#}");
+    assert_ne!(st["slots"]["B"]["state"], "trying", "{st:#}");
+
+    let config = env.config_with(|o| o.extra = "[migrate]\ntimeout_secs = 2\n".to_string());
+    let dir = rootfs_with_migrations(
+        &env,
+        "2.0.1",
+        &[(
+            "10-hangs",
+            "#!/bin/sh\necho waiting forever\nsleep 1000 &\nsleep 1000\n",
+        )],
+    );
+    let bundle = env.bundle(Source::Rootfs(&dir), "2.0.1", "zstd");
+    let start = std::time::Instant::now();
+    let run = env.abup_with(
+        &config,
+        &["--booted-slot", "A", "install", s(&bundle)],
+        None,
+    );
+    run.failed(1, &["10-hangs", "time limit of 2 s", "waiting forever"]);
+    assert!(
+        start.elapsed().as_secs() < 60,
+        "the time limit did not stop it"
+    );
+    env.assert_untouched(&before);
+    let left = sh(Command::new("sh")
+        .arg("-c")
+        .arg("ps -eo args | grep -c '^sleep 1000$' || true"));
+    assert_eq!(
+        left.trim(),
+        "0",
+        "the migration's processes were not all killed"
+    );
+}
+
+/// What a migration may not do: write the old root or the live data, make
+/// device nodes, mount, or see the host.
+#[test]
+fn a_migration_is_confined_to_the_new_root_and_the_staging_area() {
+    let env = Env::new();
+    data_partition(&env, &[("app/db.json", "{\"schema\": 1}\n")]);
+    let host_marker = env.root.join("host-only-marker");
+    fs::write(&host_marker, "host\n").unwrap();
+    let probe = format!(
+        r#"#!/bin/sh
+try() {{ if "$@" 2>/dev/null; then echo "ALLOWED $*"; else echo "denied $*"; fi; }}
+{{
+try touch "$ABUP_OLD_ROOT/etc/pwned"
+try touch "$ABUP_DATA/pwned"
+try mknod /dev/sdz b 8 0
+try mount -t tmpfs none /mnt
+try cat {marker}
+try ls /proc/1/root
+try touch "$ABUP_DATA_STAGING/staged-ok"
+try touch /etc/new-root-ok
+echo "old=$ABUP_OLD_ROOT data=$ABUP_DATA staging=$ABUP_DATA_STAGING new=$ABUP_NEW_ROOT slot=$ABUP_TARGET_SLOT"
+}} > /etc/probe.txt
+"#,
+        marker = s(&host_marker)
+    );
+    let dir = rootfs_with_migrations(&env, "2.0.0", &[("10-probe", &probe)]);
+    fs::create_dir_all(dir.join("mnt")).unwrap();
+    let bundle = env.bundle(Source::Rootfs(&dir), "2.0.0", "zstd");
+    let config = env.config_with(|o| o.extra = "[data]\npartlabel = \"data\"\n".to_string());
+    let run = env.abup_with(
+        &config,
+        &["--json", "--booted-slot", "A", "install", s(&bundle)],
+        None,
+    );
+    run.ok();
+    let b = env.disk.mount("rootB", false);
+    let probe = read(&b.path().join("etc/probe.txt"));
+    for line in probe
+        .lines()
+        .filter(|l| l.starts_with("ALLOWED") || l.starts_with("denied"))
+    {
+        let allowed = line.starts_with("ALLOWED");
+        let should = line.contains("staging-ok")
+            || line.contains("staged-ok")
+            || line.contains("new-root-ok");
+        assert_eq!(allowed, should, "{line}\n{probe}");
+    }
+    assert_eq!(
+        probe.lines().filter(|l| l.starts_with("denied")).count(),
+        6,
+        "{probe}"
+    );
+    assert!(
+        probe.contains("old=/run/abup/old-root data=/run/abup/data staging=/run/abup/data-staging new=/ slot=B"),
+        "{probe}"
+    );
+    assert!(!env.running.join("etc/pwned").exists());
+    drop(b);
+    assert_eq!(fs::read_to_string(&host_marker).unwrap(), "host\n");
+    // The staged file waits on the data partition; the live data is as it was
+    // apart from the staging area.
+    let d = env.disk.mount("data", false);
+    assert!(!d.path().join("pwned").exists());
+    assert!(d.path().join(".abup-staging/B/staged-ok").exists());
+    assert_eq!(read(&d.path().join("app/db.json")), "{\"schema\": 1}\n");
+}
+
+/// Data staged by the new slot's migration: invisible to the old slot until
+/// `mark-good` of the new slot commits it; discarded when the bootloader
+/// falls back, leaving the data partition byte-identical.
+#[test]
+fn staged_data_is_committed_on_mark_good_and_discarded_on_fallback() {
+    let migration = r#"#!/bin/sh
+set -e
+mkdir -p "$ABUP_DATA_STAGING/app"
+sed 's/"schema": 1/"schema": 2/' "$ABUP_DATA/app/db.json" > "$ABUP_DATA_STAGING/app/db.json"
+echo "converted to schema 2"
+"#;
+    for fall_back in [false, true] {
+        let env = Env::new();
+        data_partition(
+            &env,
+            &[
+                ("app/db.json", "{\"schema\": 1}\n"),
+                ("app/uploads/a.bin", "A\n"),
+                ("keep.txt", "untouched\n"),
+            ],
+        );
+        let data_at_start = data_tree(&env);
+        let config = env.config_with(|o| o.extra = "[data]\npartlabel = \"data\"\n".to_string());
+        let dir = rootfs_with_migrations(&env, "2.0.0", &[("10-schema", migration)]);
+        let bundle = env.bundle(Source::Rootfs(&dir), "2.0.0", "zstd");
+        let report = install_with(&env, &config, &bundle);
+        assert!(
+            step_comment(&report, "migrate").contains("data staged for slot B: app"),
+            "{report:#}"
+        );
+        let (live, staged) = {
+            let d = env.disk.mount("data", false);
+            (
+                read(&d.path().join("app/db.json")),
+                read(&d.path().join(".abup-staging/B/app/db.json")),
+            )
+        };
+        assert_eq!(
+            live, "{\"schema\": 1}\n",
+            "the live data changed before mark-good"
+        );
+        assert_eq!(staged, "{\"schema\": 2}\n");
+        let st = env.abup_with(&config, &["--json", "--booted-slot", "A", "status"], None);
+        st.ok();
+        let st = st.json();
+        assert_eq!(st["pending_data"]["slot"], "B", "{st:#}");
+        assert_eq!(st["pending_data"]["entries"][0], "app", "{st:#}");
+        let text = env.abup_with(&config, &["--booted-slot", "A", "status"], None);
+        assert!(text.stdout.contains("staged data: for slot B"), "{text}");
+
+        if !fall_back {
+            // The new slot boots and is blessed.
+            let run = env.abup_with(&config, &["--booted-slot", "B", "mark-good"], None);
+            run.ok();
+            assert!(run.stdout.contains("committed"), "{run}");
+            let d = env.disk.mount("data", false);
+            assert_eq!(read(&d.path().join("app/db.json")), "{\"schema\": 2}\n");
+            assert!(
+                !d.path().join("app/uploads").exists(),
+                "app was replaced as a whole"
+            );
+            assert_eq!(read(&d.path().join("keep.txt")), "untouched\n");
+            assert!(!d.path().join(".abup-staging/B").exists());
+        } else {
+            // The new slot never gets blessed: its tries run out and GRUB
+            // falls back to A (as grub.cfg does), then abup runs on A.
+            {
+                let d = env.disk.mount("data", false);
+                assert!(d.path().join(".abup-staging/B").exists());
+            }
+            set_grubenv(&env, &[("ORDER", "B A"), ("B_OK", "0"), ("B_TRY", "3")]);
+            let run = env.abup_with(&config, &["--booted-slot", "A", "mark-good"], None);
+            run.ok();
+            assert!(run.stdout.contains("discarded"), "{run}");
+            let d = env.disk.mount("data", false);
+            assert_eq!(read(&d.path().join("app/db.json")), "{\"schema\": 1}\n");
+            assert_eq!(read(&d.path().join("app/uploads/a.bin")), "A\n");
+            assert!(!d.path().join(".abup-staging/B").exists());
+            drop(d);
+            assert_eq!(
+                data_tree(&env),
+                data_at_start,
+                "the old slot's data changed"
+            );
+            let st = env.abup_with(&config, &["--json", "--booted-slot", "A", "status"], None);
+            assert!(st.json()["pending_data"].is_null(), "{st}");
+        }
+    }
 }

@@ -1357,7 +1357,7 @@ pub fn step_comment(report: &Value, name: &str) -> String {
 }
 
 /// The install steps, in order.
-pub const INSTALL_STEPS: [&str; 10] = [
+pub const INSTALL_STEPS: [&str; 11] = [
     "load-config",
     "verify-bundle",
     "inspect-system",
@@ -1366,6 +1366,7 @@ pub const INSTALL_STEPS: [&str; 10] = [
     "write",
     "verify",
     "preserve",
+    "migrate",
     "record",
     "activate",
 ];
