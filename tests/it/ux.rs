@@ -105,21 +105,7 @@ fn json_stream_on_success_is_ordered_and_complete() {
     assert_eq!(report["target_slot"], "B");
     assert_eq!(report["activated_slot"], "B");
     assert_eq!(report["booted_slot"], "A");
-    assert_eq!(
-        step_names(&report),
-        [
-            "load-config",
-            "verify-bundle",
-            "inspect-system",
-            "check",
-            "mark-bad",
-            "write",
-            "verify",
-            "preserve",
-            "record",
-            "activate"
-        ]
-    );
+    assert_eq!(step_names(&report), INSTALL_STEPS);
     // Progress of the write, rising to exactly the payload's size.
     let progress: Vec<&Value> = lines.iter().filter(|l| l["type"] == "progress").collect();
     assert!(!progress.is_empty(), "no progress events:\n{run}");
