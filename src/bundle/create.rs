@@ -13,8 +13,7 @@ use super::manifest::{Compression, Manifest, Payload, PayloadKind, MANIFEST_FORM
 use super::reader::{ChunkHasher, Layout, SignatureInfo};
 use super::{CONTAINER_VERSION, DEFAULT_CHUNK_SIZE, MAGIC, TRAILER};
 use crate::events::Progress;
-use crate::write::pax::TarReader;
-use crate::write::tar::{plan, Action};
+use crate::write::tar::validate;
 use anyhow::{bail, ensure, Context, Result};
 use ed25519_dalek::SigningKey;
 use sha2::{Digest, Sha256};
@@ -33,9 +32,6 @@ pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
 
 /// Buffer size for reading sources and writing payloads.
 const IO_BUFFER: usize = 1024 * 1024;
-
-/// Allocation unit assumed when estimating `installed_size`.
-const BLOCK: u64 = 4096;
 
 /// What the rootfs payload is made from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -452,30 +448,17 @@ fn open_maybe_compressed<R: Read + 'static>(file: R) -> Result<Box<dyn Read>> {
 }
 
 /// Copies a tar stream from `source` to `out` unchanged, hashing it and
-/// parsing its headers on the way to estimate the installed size.
-///
-/// Entries are read and checked exactly as the installer reads them
-/// ([`TarReader`], [`plan`]), so an archive the installer would refuse (PAX
-/// sparse files, absolute paths, `..`, unsupported entry types) is refused
-/// here, before a bundle exists.
+/// validating it on the way ([`validate`]: every check the installer runs,
+/// across entries), which also gives the installed size.
 fn tee_tar<R: Read, W: Write>(source: R, out: &mut W) -> Result<(Summary, u64)> {
     // Everything the BufReader holds has already passed through the Tee.
-    let mut reader = TarReader::new(BufReader::with_capacity(IO_BUFFER, Tee::new(source, out)));
-    let mut installed = 0u64;
-    let mut entries = 0u64;
-    while let Some(member) = reader.next_member()? {
-        let (_, action) = plan(&member)?;
-        installed += match action {
-            Action::File => member.file_size.div_ceil(BLOCK) * BLOCK,
-            _ => BLOCK,
-        };
-        entries += 1;
-    }
-    ensure!(entries > 0, "the tar stream has no entries");
+    let mut reader = BufReader::with_capacity(IO_BUFFER, Tee::new(source, out));
+    let found = validate(&mut reader)?;
+    ensure!(found.entries > 0, "the tar stream has no entries");
     // The end-of-archive blocks and record padding are part of the payload.
-    let mut tee = reader.into_inner().into_inner();
+    let mut tee = reader.into_inner();
     drain(&mut tee).context("reading the tar stream")?;
-    Ok((tee.summary(), installed))
+    Ok((tee.summary(), found.installed_size))
 }
 
 /// Reads `r` to its end, discarding the bytes.
@@ -859,13 +842,14 @@ mod tests {
     }
 
     /// `bundle create` reads tarballs exactly as the installer does: PAX
-    /// sparse files are refused naming the entry, multi-line PAX values
-    /// (ACL text, xattrs with newlines) are fine.
+    /// sparse files are fine (their holes not counted), multi-line PAX
+    /// values (ACL text, xattrs with newlines) are fine, and what install
+    /// would refuse across entries is refused naming the entry.
     #[test]
     fn tarballs_are_checked_as_the_installer_reads_them() {
         let tmp = tempfile::tempdir().unwrap();
         let src = tmp.path().join("root");
-        rootfs(&src);
+        let tree_size = rootfs(&src);
         xattr::set(src.join("etc/hostname"), "user.note", b"one\ntwo").unwrap();
         // u::rw-,u:1234:r--,g::r--,m::r--,o::r--
         let acl: [u8; 44] = [
@@ -900,10 +884,37 @@ mod tests {
         std::os::unix::fs::FileExt::write_at(&f, b"data", 600_000).unwrap();
         drop(f);
         let sparse = tarball("sparse.tar", &["--format=posix", "--sparse"]);
-        let opts = CreateOptions::new(Source::Tarball(sparse), v, "x");
+        let opts = CreateOptions::new(Source::Tarball(sparse), v.clone(), "x");
+        let manifest = create(&opts, &out.with_extension("1")).unwrap();
+        // The 1 MiB file takes one block: its holes do not count.
+        assert_eq!(manifest.rootfs().installed_size, Some(tree_size + 4096));
+
+        // Cross-entry checks run too: a symlink out of the root, then an
+        // entry written through it.
+        let evil = tmp.path().join("evil.tar");
+        let mut b = tar::Builder::new(File::create(&evil).unwrap());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_mode(0o777);
+        b.append_link(&mut h, "etc2", "/etc").unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_size(1);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "etc2/passwd", &b"x"[..]).unwrap();
+        b.into_inner().unwrap();
+        let opts = CreateOptions::new(Source::Tarball(evil), v, "x");
         let err = format!("{:#}", create(&opts, &out.with_extension("2")).unwrap_err());
         assert!(
-            err.contains("refusing tar entry ./sparse: PAX sparse files are not supported"),
+            err.contains(
+                "refusing tar entry etc2/passwd: symlink etc2 -> /etc leads outside the root"
+            ),
             "{err}"
         );
         assert!(!out.with_extension("2").exists());

@@ -23,6 +23,7 @@
 pub mod pax;
 pub mod raw;
 pub mod tar;
+pub mod tree;
 
 pub use self::raw::{device_size, write_raw, write_raw_limited};
 pub use self::tar::{extract_tar, format_ext4, write_tar};

@@ -14,12 +14,18 @@
 //! Both the installer (`write::tar`) and `bundle create` read archives
 //! through [`TarReader`], so they accept and refuse the same archives.
 //!
-//! Limits: extension headers are at most [`MAX_EXTENSION`] bytes; PAX
-//! sparse files (`GNU.sparse.*` records) are refused; global (`g`) records
-//! apply to all following entries except `path`, `linkpath` and `size`;
-//! times are whole seconds; unknown records (`atime`, `ctime`, `comment`,
-//! `LIBARCHIVE.*`, ...) are ignored. ACL names in `SCHILY.acl.*` text are
-//! kept unresolved here; [`encode_acl`] resolves them.
+//! Sparse files are read in every form GNU tar writes: old GNU (type `S`,
+//! map in the header and extension blocks) and PAX sparse 0.0
+//! (`GNU.sparse.offset`/`numbytes` records), 0.1 (`GNU.sparse.map`) and 1.0
+//! (`GNU.sparse.major=1`, the map at the start of the entry's data). Times
+//! keep their nanoseconds (PAX `mtime`/`atime` fractions) and may be before
+//! 1970 (negative PAX times, GNU base-256 header fields).
+//!
+//! Limits: extension headers are at most [`MAX_EXTENSION`] bytes; global
+//! (`g`) records apply to all following entries except `path`, `linkpath`
+//! and `size`; unknown records (`ctime`, `comment`, `LIBARCHIVE.*`, ...) are
+//! ignored. ACL names in `SCHILY.acl.*` text are kept unresolved here;
+//! [`encode_acl`] resolves them.
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use std::ffi::{OsStr, OsString};
@@ -34,7 +40,7 @@ const BLOCK: u64 = 512;
 /// Largest extension header (PAX records, GNU long name or link) accepted.
 pub const MAX_EXTENSION: u64 = 1 << 20;
 
-/// Most data regions accepted in an old GNU sparse map.
+/// Most data regions accepted in a sparse map.
 const MAX_SPARSE_REGIONS: usize = 1 << 16;
 
 /// Buffer for member data, reused for every entry.
@@ -233,14 +239,24 @@ pub fn encode_acl(
     Ok(out)
 }
 
-/// A data region of an old GNU sparse file: where it goes in the file and
-/// how many bytes of the archive data it takes.
+/// A data region of a sparse file: where it goes in the file and how many
+/// bytes of the archive data it takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Region {
     /// Offset in the extracted file.
     pub offset: u64,
     /// Length of the data.
     pub len: u64,
+}
+
+/// A point in time: seconds since 1970 (negative before) and nanoseconds
+/// after them (`secs = -2, nanos = 500_000_000` is 1.5 s before 1970).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Time {
+    /// Whole seconds, rounded down.
+    pub secs: i64,
+    /// Nanoseconds, `0..1_000_000_000`.
+    pub nanos: u32,
 }
 
 /// One archive entry with its extension headers applied.
@@ -260,16 +276,17 @@ pub struct Member {
     pub uid: u32,
     /// Group: PAX `gid`, else the header's.
     pub gid: u32,
-    /// Modification time in whole seconds: PAX `mtime` rounded down, else
-    /// the header's.
-    pub mtime: i64,
+    /// Modification time: PAX `mtime` (with its fraction), else the header's.
+    pub mtime: Time,
+    /// Access time: PAX `atime`, else `mtime` (as GNU tar restores it).
+    pub atime: Time,
     /// Device major and minor numbers, when the header holds valid ones.
     pub device: Option<(u32, u32)>,
     /// Data bytes stored in the archive: PAX `size`, else the header's.
     pub size: u64,
     /// Size of the file it makes: `size`, or the real size of a sparse file.
     pub file_size: u64,
-    /// Data regions of an old GNU sparse file (type `S`), in file order.
+    /// Data regions of a sparse file (old GNU or PAX sparse), in file order.
     pub sparse: Option<Vec<Region>>,
     /// Extended attributes from `SCHILY.xattr.*` records.
     pub xattrs: Vec<(OsString, Vec<u8>)>,
@@ -507,19 +524,14 @@ impl<R: Read> TarReader<R> {
             .filter(|(k, _)| !matches!(k.as_str(), "path" | "linkpath" | "size"))
             .chain(&local)
             .collect();
-        let value = |key: &str| {
-            records
-                .iter()
-                .rev()
-                .find(|(k, _)| k == key)
-                .map(|(_, v)| v.as_slice())
-                .filter(|v| !v.is_empty())
-        };
+        let value = |key: &str| last_value(records.iter().copied(), key).filter(|v| !v.is_empty());
 
-        let path = match (value("path"), long_name) {
-            (Some(p), _) => p.to_vec(),
-            (None, Some(p)) => trim_nul(p),
-            (None, None) => header.path_bytes().into_owned(),
+        // PAX sparse files carry their real name in GNU.sparse.name; the
+        // header (or `path`) holds a made-up one.
+        let path = match (value("GNU.sparse.name"), value("path"), long_name) {
+            (Some(p), _, _) | (None, Some(p), _) => p.to_vec(),
+            (None, None, Some(p)) => trim_nul(p),
+            (None, None, None) => header.path_bytes().into_owned(),
         };
         let link = match (value("linkpath"), long_link) {
             (Some(p), _) => Some(p.to_vec()),
@@ -528,16 +540,6 @@ impl<R: Read> TarReader<R> {
         };
         let name = String::from_utf8_lossy(&path).into_owned();
         self.last = Some(name.clone());
-
-        if records.iter().any(|(k, _)| k.starts_with("GNU.sparse.")) {
-            let shown = value("GNU.sparse.name")
-                .map(|n| String::from_utf8_lossy(n).into_owned())
-                .unwrap_or_else(|| name.clone());
-            bail!(
-                "refusing tar entry {shown}: PAX sparse files are not supported; \
-                 create the tarball without --sparse (or with --format=gnu)"
-            );
-        }
 
         let bad = |what: &str| format!("refusing tar entry {name}: invalid {what}");
         let id = |key: &str, field: std::io::Result<u64>| -> Result<u32> {
@@ -551,10 +553,15 @@ impl<R: Read> TarReader<R> {
         let gid = id("gid", header.gid())?;
         let mtime = match value("mtime") {
             Some(v) => parse_time(v).with_context(|| bad("PAX mtime record"))?,
-            None => {
-                let t = header.mtime().with_context(|| bad("mtime in header"))?;
-                i64::try_from(t).with_context(|| bad("mtime in header"))?
-            }
+            None => Time {
+                secs: header_number(&header.as_old().mtime)
+                    .with_context(|| bad("mtime in header"))?,
+                nanos: 0,
+            },
+        };
+        let atime = match value("atime") {
+            Some(v) => parse_time(v).with_context(|| bad("PAX atime record"))?,
+            None => mtime,
         };
         let mode = header.mode().with_context(|| bad("mode in header"))? & 0o7777;
         let size = match value("size") {
@@ -596,14 +603,25 @@ impl<R: Read> TarReader<R> {
         }
 
         let kind = header.entry_type();
-        let (sparse, file_size) = if kind.is_gnu_sparse() {
-            let (regions, real) = self.sparse_map(header, &name, size)?;
-            (Some(regions), real)
-        } else {
-            (None, size)
-        };
         self.remaining = size;
         self.padding = size.div_ceil(BLOCK) * BLOCK - size;
+        // Owned: reading a 1.0 map from the data needs `self`.
+        let sparse_records: Vec<Record> = records
+            .iter()
+            .filter(|(k, _)| k.starts_with("GNU.sparse."))
+            .map(|&r| r.clone())
+            .collect();
+        let (sparse, file_size, size) = if kind.is_gnu_sparse() {
+            let (regions, real) = self.sparse_map(header, &name, size)?;
+            (Some(regions), real, size)
+        } else if !sparse_records.is_empty() && kind.is_file() {
+            let (regions, real, stored) = self
+                .pax_sparse_map(&sparse_records, size)
+                .with_context(|| format!("refusing tar entry {name}: invalid PAX sparse map"))?;
+            (Some(regions), real, stored)
+        } else {
+            (None, size, size)
+        };
 
         Ok(Member {
             name,
@@ -614,6 +632,7 @@ impl<R: Read> TarReader<R> {
             uid,
             gid,
             mtime,
+            atime,
             device,
             size,
             file_size,
@@ -655,24 +674,128 @@ impl<R: Read> TarReader<R> {
             add(ext.sparse())?;
             extended = ext.is_extended();
         }
-        let (mut end, mut stored) = (0u64, 0u64);
-        for r in &regions {
-            ensure!(r.offset >= end, bad("regions overlap or are out of order"));
-            end = r
-                .offset
-                .checked_add(r.len)
-                .ok_or_else(|| bad("a region overflows"))?;
-            stored += r.len;
-        }
-        ensure!(end <= real, bad("a region ends beyond the file size"));
-        ensure!(
-            stored == size,
-            bad(&format!(
-                "regions hold {stored} bytes, the entry stores {size}"
-            ))
-        );
+        check_regions(&regions, real, size).map_err(|e| bad(&e.to_string()))?;
         Ok((regions, real))
     }
+
+    /// Reads the map of a PAX sparse entry (GNU tar `--format=posix
+    /// --sparse`): from `GNU.sparse.offset`/`numbytes` records (0.0),
+    /// `GNU.sparse.map` (0.1), or the start of the entry's data (1.0, where
+    /// the map fills whole blocks ahead of the file data). Returns the
+    /// regions, the real size and the data bytes left after the map.
+    fn pax_sparse_map(&mut self, records: &[Record], size: u64) -> Result<(Vec<Region>, u64, u64)> {
+        let value = |key: &str| last_value(records.iter(), key);
+        let number = |key: &str| -> Result<Option<u64>> {
+            value(key)
+                .map(|v| parse_u64(v).with_context(|| format!("the {key} record")))
+                .transpose()
+        };
+        let version = (value("GNU.sparse.major"), value("GNU.sparse.minor"));
+        let (regions, real, stored) = match version {
+            (Some(b"1"), Some(b"0")) => {
+                let real =
+                    number("GNU.sparse.realsize")?.context("no GNU.sparse.realsize record")?;
+                let numbers = self.read_map_in_data()?;
+                let (count, pairs) = numbers.split_first().context("the map is empty")?;
+                ensure!(
+                    pairs.len() as u64 == count.saturating_mul(2),
+                    "the map announces {count} regions but lists {}",
+                    pairs.len() / 2
+                );
+                (pairs_to_regions(pairs)?, real, self.remaining)
+            }
+            (None, None) => {
+                let real = number("GNU.sparse.size")?.context("no GNU.sparse.size record")?;
+                let numbers: Vec<u64> = if let Some(map) = value("GNU.sparse.map") {
+                    let map = std::str::from_utf8(map).context("the map is not text")?;
+                    map.split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(|n| parse_u64(n.as_bytes()))
+                        .collect::<Result<_>>()?
+                } else {
+                    records
+                        .iter()
+                        .filter(|(k, _)| k == "GNU.sparse.offset" || k == "GNU.sparse.numbytes")
+                        .map(|(k, v)| parse_u64(v).with_context(|| format!("the {k} record")))
+                        .collect::<Result<_>>()?
+                };
+                if let Some(n) = number("GNU.sparse.numblocks")? {
+                    ensure!(
+                        numbers.len() as u64 == n.saturating_mul(2),
+                        "GNU.sparse.numblocks says {n} regions, the map lists {}",
+                        numbers.len() / 2
+                    );
+                }
+                (pairs_to_regions(&numbers)?, real, size)
+            }
+            (major, minor) => bail!(
+                "PAX sparse format {}.{} is not supported (GNU tar writes 0.0, 0.1 and 1.0)",
+                String::from_utf8_lossy(major.unwrap_or(b"?")),
+                String::from_utf8_lossy(minor.unwrap_or(b"?"))
+            ),
+        };
+        check_regions(&regions, real, stored)?;
+        Ok((regions, real, stored))
+    }
+
+    /// Reads the decimal numbers, one a line, of a PAX sparse 1.0 map from
+    /// the entry's data: the count of regions, then offset and length of
+    /// each; the map is padded to a whole block.
+    fn read_map_in_data(&mut self) -> Result<Vec<u64>> {
+        let mut numbers = Vec::new();
+        let mut current: Option<u64> = None;
+        let mut wanted: Option<u64> = None;
+        let mut block = [0u8; BLOCK as usize];
+        loop {
+            ensure!(
+                self.remaining >= BLOCK,
+                "the entry's data ends inside the map"
+            );
+            ensure!(
+                self.read_block(&mut block)?,
+                "the tar stream ends inside the map"
+            );
+            self.remaining -= BLOCK;
+            for &b in &block {
+                if wanted.is_some_and(|w| numbers.len() as u64 == w) {
+                    break;
+                }
+                match b {
+                    b'0'..=b'9' => {
+                        let n = current.unwrap_or(0);
+                        current = Some(
+                            n.checked_mul(10)
+                                .and_then(|n| n.checked_add(u64::from(b - b'0')))
+                                .context("a number in the map is out of range")?,
+                        );
+                    }
+                    b'\n' => {
+                        let n = current.take().context("an empty line in the map")?;
+                        if wanted.is_none() {
+                            ensure!(n <= MAX_SPARSE_REGIONS as u64, "too many regions");
+                            wanted = Some(1 + 2 * n);
+                        }
+                        numbers.push(n);
+                    }
+                    _ => bail!("unexpected byte {b:#04x} in the map"),
+                }
+            }
+            if wanted.is_some_and(|w| numbers.len() as u64 == w) {
+                return Ok(numbers);
+            }
+        }
+    }
+}
+
+/// The value of the last record named `key`.
+fn last_value<'a>(
+    records: impl DoubleEndedIterator<Item = &'a Record>,
+    key: &str,
+) -> Option<&'a [u8]> {
+    records
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_slice())
 }
 
 /// A GNU long name or link: the data up to its first NUL.
@@ -691,8 +814,9 @@ fn parse_u64(v: &[u8]) -> Result<u64> {
         .with_context(|| format!("{:?} is not a number", String::from_utf8_lossy(v)))
 }
 
-/// A PAX time (`[-]seconds[.fraction]`) rounded down to whole seconds.
-fn parse_time(v: &[u8]) -> Result<i64> {
+/// A PAX time (`[-]seconds[.fraction]`), exact to the nanosecond (further
+/// digits are cut, rounding towards the past as GNU tar does).
+fn parse_time(v: &[u8]) -> Result<Time> {
     let bad = || format!("{:?} is not a time", String::from_utf8_lossy(v));
     let s = std::str::from_utf8(v).ok().with_context(bad)?;
     let (int, frac) = s.split_once('.').unwrap_or((s, ""));
@@ -704,10 +828,89 @@ fn parse_time(v: &[u8]) -> Result<i64> {
         bad()
     );
     let secs: i64 = int.parse().ok().with_context(bad)?;
-    if int.starts_with('-') && frac.bytes().any(|b| b != b'0') {
-        return secs.checked_sub(1).with_context(bad);
+    let mut nanos = 0u32;
+    for (i, b) in frac.bytes().enumerate() {
+        if i == 9 {
+            // Below a nanosecond: only matters for rounding negative times.
+            if int.starts_with('-') && frac[9..].bytes().any(|b| b != b'0') {
+                nanos += 1;
+            }
+            break;
+        }
+        nanos = nanos * 10 + u32::from(b - b'0');
     }
-    Ok(secs)
+    for _ in frac.len()..9 {
+        nanos *= 10;
+    }
+    if int.starts_with('-') && nanos > 0 {
+        // -1.25 is 1.25 s before 1970: second -2, plus 0.75 s.
+        let secs = secs.checked_sub(1).with_context(bad)?;
+        return Ok(Time {
+            secs,
+            nanos: 1_000_000_000 - nanos,
+        });
+    }
+    Ok(Time { secs, nanos })
+}
+
+/// A numeric header field (mtime) as GNU tar reads it: octal, or base-256
+/// two's complement when its first byte has the top bit set (GNU tar writes
+/// times before 1970 and after 2242 that way).
+fn header_number(field: &[u8]) -> Result<i64> {
+    match field.first() {
+        Some(&first) if first & 0x80 != 0 => {
+            let mut v = i128::from(first & 0x3f) - i128::from(first & 0x40);
+            for &b in &field[1..] {
+                v = v
+                    .checked_mul(256)
+                    .and_then(|v| v.checked_add(i128::from(b)))
+                    .context("the base-256 number is out of range")?;
+            }
+            i64::try_from(v).context("the base-256 number is out of range")
+        }
+        _ => {
+            let text = std::str::from_utf8(field).context("the field is not ASCII")?;
+            let text = text.trim_matches(|c: char| c == ' ' || c == '\0');
+            if text.is_empty() {
+                return Ok(0);
+            }
+            i64::from_str_radix(text, 8).with_context(|| format!("{text:?} is not an octal number"))
+        }
+    }
+}
+
+/// Checks a sparse map against the entry: regions in order, not overlapping,
+/// inside the file, and holding exactly the `stored` data bytes.
+fn check_regions(regions: &[Region], real: u64, stored: u64) -> Result<()> {
+    ensure!(regions.len() <= MAX_SPARSE_REGIONS, "too many regions");
+    let (mut end, mut total) = (0u64, 0u64);
+    for r in regions {
+        ensure!(r.offset >= end, "regions overlap or are out of order");
+        end = r.offset.checked_add(r.len).context("a region overflows")?;
+        total += r.len;
+    }
+    ensure!(end <= real, "a region ends beyond the file size");
+    ensure!(
+        total == stored,
+        "regions hold {total} bytes, the entry stores {stored}"
+    );
+    Ok(())
+}
+
+/// Pairs of numbers (`offset, length, ...`) as regions.
+fn pairs_to_regions(numbers: &[u64]) -> Result<Vec<Region>> {
+    ensure!(
+        numbers.len().is_multiple_of(2),
+        "the map has an odd count of numbers"
+    );
+    ensure!(numbers.len() / 2 <= MAX_SPARSE_REGIONS, "too many regions");
+    Ok(numbers
+        .chunks(2)
+        .map(|c| Region {
+            offset: c[0],
+            len: c[1],
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -907,14 +1110,39 @@ mod tests {
 
     #[test]
     fn parses_pax_times() {
-        assert_eq!(parse_time(b"1795409514.512196421").unwrap(), 1_795_409_514);
-        assert_eq!(parse_time(b"42").unwrap(), 42);
-        assert_eq!(parse_time(b"-1.5").unwrap(), -2);
-        assert_eq!(parse_time(b"-0.5").unwrap(), -1);
-        assert_eq!(parse_time(b"-3.000").unwrap(), -3);
+        let t = |secs, nanos| Time { secs, nanos };
+        assert_eq!(
+            parse_time(b"1795409514.512196421").unwrap(),
+            t(1_795_409_514, 512_196_421)
+        );
+        assert_eq!(parse_time(b"42").unwrap(), t(42, 0));
+        assert_eq!(parse_time(b"42.5").unwrap(), t(42, 500_000_000));
+        assert_eq!(parse_time(b"42.0000000019").unwrap(), t(42, 1));
+        assert_eq!(parse_time(b"-1.5").unwrap(), t(-2, 500_000_000));
+        assert_eq!(parse_time(b"-0.25").unwrap(), t(-1, 750_000_000));
+        assert_eq!(parse_time(b"-3.000").unwrap(), t(-3, 0));
+        // Below a nanosecond, a time before 1970 rounds to the past.
+        assert_eq!(parse_time(b"-1.0000000001").unwrap(), t(-2, 999_999_999));
+        assert_eq!(parse_time(b"-315619200").unwrap(), t(-315_619_200, 0));
         for bad in [&b""[..], b"1.2.3", b"x", b"1e9", b"-", b".5"] {
             assert!(parse_time(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
+    }
+
+    #[test]
+    fn parses_gnu_header_numbers() {
+        assert_eq!(header_number(b"00000001750\0").unwrap(), 1000);
+        assert_eq!(header_number(b"     1750 \0\0").unwrap(), 1000);
+        assert_eq!(header_number(&[0; 12]).unwrap(), 0);
+        // GNU tar's base-256: 0x80 then the value; negative: two's complement.
+        let mut pos = [0u8; 12];
+        pos[0] = 0x80;
+        pos[8..].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(header_number(&pos).unwrap(), 0xffff_ffff);
+        let neg = (-315_619_200i128).to_be_bytes();
+        assert_eq!(header_number(&neg[4..]).unwrap(), -315_619_200);
+        assert_eq!(header_number(&[0xff; 12]).unwrap(), -1);
+        assert!(header_number(b"12345678x\0\0\0").is_err());
     }
 
     /// A ustar header block for `name` of `kind` with `size` data bytes.
@@ -967,7 +1195,15 @@ mod tests {
         assert_eq!(m.path, PathBuf::from("a/very/long/path\nwith a newline"));
         assert_eq!(
             (m.uid, m.gid, m.mtime, m.size),
-            (4_000_000_000, 7, 1_700_000_000, 5)
+            (
+                4_000_000_000,
+                7,
+                Time {
+                    secs: 1_700_000_000,
+                    nanos: 900_000_000
+                },
+                5
+            )
         );
         assert_eq!(m.xattrs, vec![(OsString::from("user.x"), b"1\n2".to_vec())]);
         assert_eq!(r.data(2).unwrap(), b"he");
@@ -1019,8 +1255,37 @@ mod tests {
         tar.extend(header("./GNUSparseFile.0/big", EntryType::Regular, 0));
         assert_eq!(
             err(&tar),
-            "refusing tar entry ./big: PAX sparse files are not supported; \
-             create the tarball without --sparse (or with --format=gnu)"
+            "refusing tar entry ./big: invalid PAX sparse map: no GNU.sparse.size record"
+        );
+        // A 1.0 map that lists more data than the entry holds.
+        let mut pax = record("GNU.sparse.major", b"1");
+        pax.extend(record("GNU.sparse.minor", b"0"));
+        pax.extend(record("GNU.sparse.name", b"big"));
+        pax.extend(record("GNU.sparse.realsize", b"4096"));
+        let mut tar = with_data(header("x", EntryType::XHeader, pax.len() as u64), &pax);
+        let map = b"1\n0\n600\n";
+        tar.extend(with_data(header("big", EntryType::Regular, 512 + 5), &{
+            let mut d = map.to_vec();
+            d.resize(512, 0);
+            d.extend(b"hello");
+            d
+        }));
+        assert_eq!(
+            err(&tar),
+            "refusing tar entry big: invalid PAX sparse map: regions hold 600 bytes, \
+             the entry stores 5"
+        );
+        // Unknown versions are named.
+        let mut pax = record("GNU.sparse.major", b"2");
+        pax.extend(record("GNU.sparse.minor", b"0"));
+        let mut tar = with_data(header("x", EntryType::XHeader, pax.len() as u64), &pax);
+        tar.extend(header("big", EntryType::Regular, 0));
+        assert!(
+            err(&tar).ends_with(
+                "PAX sparse format 2.0 is not supported (GNU tar writes 0.0, 0.1 and 1.0)"
+            ),
+            "{}",
+            err(&tar)
         );
         let uid = record("uid", b"-1");
         let mut tar = with_data(header("x", EntryType::XHeader, uid.len() as u64), &uid);
