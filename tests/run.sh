@@ -9,7 +9,7 @@ if [ "$(id -u)" -ne 0 ]; then
     echo "tests/run.sh: run as root (the tests use loop devices, mkfs.ext4 and mount)" >&2
     exit 1
 fi
-pkgs=(gdisk e2fsprogs grub-common zstd attr util-linux mount tar busybox-static procps)
+pkgs=(gdisk e2fsprogs grub-common zstd attr acl util-linux mount tar busybox-static procps)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -22,6 +22,8 @@ mod install;
 mod migrate;
 #[path = "it/slots.rs"]
 mod slots;
+#[path = "it/tar_fidelity.rs"]
+mod tar_fidelity;
 #[path = "it/util.rs"]
 mod util;
 #[path = "it/ux.rs"]
