@@ -19,4 +19,20 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
+# nmcli (NetworkManager's own keyfile parser) cross-checks the keyfiles of
+# the WiFi migration example. Taken from the network-manager package without
+# installing it, so that no NetworkManager daemon starts on the test machine.
+if ! command -v nmcli >/dev/null; then
+    nm_dir="${CARGO_TARGET_DIR:-$PWD/target}/nmcli"
+    if [ ! -x "$nm_dir/usr/bin/nmcli" ]; then
+        echo "==> extracting nmcli from the network-manager package"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libnm0 libreadline8 libglib2.0-0
+        tmp=$(mktemp -d)
+        (cd "$tmp" && { apt-get download -qq network-manager || { apt-get update -qq && apt-get download -qq network-manager; }; })
+        mkdir -p "$nm_dir"
+        dpkg-deb -x "$tmp"/network-manager_*.deb "$nm_dir"
+        rm -rf "$tmp"
+    fi
+    export ABUP_TEST_NMCLI="$nm_dir/usr/bin/nmcli"
+fi
 cargo test --all-targets

@@ -276,6 +276,15 @@ pub fn settle(sys: &System) -> Result<Option<String>> {
     Ok(None)
 }
 
+/// Forgets data staged for `slot` by an earlier install attempt (its
+/// directory goes at the next staging); nothing is mounted.
+pub fn forget(sys: &System, slot: SlotName) -> Result<()> {
+    if pending(&sys.cfg.state_dir)?.is_some_and(|p| p.slot == slot) {
+        clear_record(&sys.cfg.state_dir)?;
+    }
+    Ok(())
+}
+
 /// `mark-good` of `slot`: first drops data staged by a slot the bootloader
 /// fell back from, then commits what `slot` staged.
 pub fn on_mark_good(sys: &System, slot: SlotName) -> Result<Option<String>> {

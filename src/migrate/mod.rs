@@ -251,7 +251,14 @@ pub fn migrate_step(
     };
     let new_tree = Tree::open(new.path(), "new root")?;
     let names = run::list(&new_tree)?;
-    let data = data::DataMount::open(sys)?;
+    // Without migrations, nothing is staged: the data partition is not even
+    // mounted, and an earlier attempt's staging for the target is dropped.
+    let data = if names.is_empty() {
+        data::forget(sys, target)?;
+        None
+    } else {
+        data::DataMount::open(sys)?
+    };
     let staging = data.as_ref().map(|d| d.fresh(target)).transpose()?;
     let ran = if names.is_empty() {
         Ok((Vec::new(), String::new()))

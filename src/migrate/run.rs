@@ -169,7 +169,9 @@ pub fn run(sb: &Sandbox, new: &Tree, name: &str) -> Result<Ran> {
     let shown = format!("/{}/{name}", super::MIGRATE_DIR);
     let mut child = cmd
         .spawn()
-        .with_context(|| format!("starting migration {shown} in its sandbox"))?;
+        .with_context(|| {
+            format!("starting migration {shown} in its sandbox (the new root must hold its interpreter, e.g. /bin/sh)")
+        })?;
     let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
     let status = loop {
         if let Some(st) = child.try_wait().context("waiting for the migration")? {

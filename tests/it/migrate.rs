@@ -471,6 +471,30 @@ fn fixture_wifi_migration() -> String {
         .join("fixtures/migrations/wifi-to-networkmanager/usr/lib/abup/migrate.d/10-wifi-to-networkmanager"))
 }
 
+/// The keyfile as NetworkManager's own parser reads it (`nmcli --offline`
+/// prints the connection it parsed); fails if NetworkManager refuses it.
+fn nmcli_reads(keyfile: &Path) -> String {
+    let nmcli = std::env::var("ABUP_TEST_NMCLI").unwrap_or_else(|_| "nmcli".to_string());
+    let out = Command::new(&nmcli)
+        .args([
+            "--offline",
+            "connection",
+            "modify",
+            "connection.autoconnect-priority",
+            "0",
+        ])
+        .stdin(fs::File::open(keyfile).unwrap())
+        .output()
+        .unwrap_or_else(|e| panic!("running {nmcli} (tests/run.sh provides it): {e}"));
+    assert!(
+        out.status.success(),
+        "NetworkManager refuses {}: {}",
+        keyfile.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The key=value lines of a keyfile section.
 fn keyfile_section(text: &str, section: &str) -> Vec<String> {
     let mut inside = false;
@@ -566,6 +590,48 @@ fn the_wifi_example_turns_legacy_json_into_networkmanager_keyfiles() {
     );
     let office = read(&conns.join("Legacy_Office.nmconnection"));
     assert!(office.contains("psk=legacy-secret-1"), "{office}");
+
+    // NetworkManager's own keyfile parser reads every file back the same.
+    let cafe_bytes: String = "Café \"Backroom\""
+        .bytes()
+        .map(|b| format!("{b};"))
+        .collect();
+    for (file, want) in [
+        (
+            "Home_Network.nmconnection",
+            &[
+                "type=wifi",
+                "ssid=Home Network",
+                "psk=correct horse battery",
+            ][..],
+        ),
+        (
+            "Caf____Backroom_.nmconnection",
+            &[
+                "hidden=true",
+                &format!("ssid={cafe_bytes}"),
+                "psk=back\\\\slash-key",
+            ][..],
+        ),
+        ("Guest.nmconnection", &["ssid=Guest", "method=auto"][..]),
+        (
+            "Legacy_Office.nmconnection",
+            &["ssid=Legacy Office", "key-mgmt=wpa-psk"][..],
+        ),
+    ] {
+        let parsed = nmcli_reads(&conns.join(file));
+        for w in want {
+            assert!(
+                parsed.lines().any(|l| l == *w),
+                "nmcli read {file} without {w:?}:\n{parsed}"
+            );
+        }
+        assert_eq!(
+            parsed.contains("[wifi-security]"),
+            file != "Guest.nmconnection",
+            "{parsed}"
+        );
+    }
     drop(b);
     assert_eq!(
         env.disk.sha256_of_partition("rootA"),
@@ -720,7 +786,7 @@ echo "old=$ABUP_OLD_ROOT data=$ABUP_DATA staging=$ABUP_DATA_STAGING new=$ABUP_NE
 
 /// Data staged by the new slot's migration: invisible to the old slot until
 /// `mark-good` of the new slot commits it; discarded when the bootloader
-/// falls back, leaving the data partition byte-identical.
+/// falls back, leaving the old slot's data as it left it.
 #[test]
 fn staged_data_is_committed_on_mark_good_and_discarded_on_fallback() {
     let migration = r#"#!/bin/sh
