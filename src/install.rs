@@ -7,8 +7,9 @@
 //! and only then is the spare made primary — the only flip, and the last write.
 
 use crate::bundle::manifest::{Manifest, Payload, PayloadKind, ROOTFS};
+use crate::bundle::parallel::{parallel_payload_reader, ParallelChunks};
 use crate::bundle::reader::{
-    open_bundle, payload_reader, read_header, read_trailer, BundleHeader, BundleStream,
+    open_bundle, read_header, read_trailer, BundleHeader, BundleStream, PayloadReader,
 };
 use crate::config::SystemConfig;
 use crate::events::{EventName, Events};
@@ -18,8 +19,10 @@ use crate::report::{Done, FlipUnconfirmed, Reporter, StepKind::*};
 use crate::slot::SlotName;
 use crate::state::{self, Content, SlotRecord};
 use crate::system::{self, System};
+use crate::write::pipeline::ReadAhead;
 use crate::{bundle, migrate, write};
 use anyhow::{bail, Context, Result};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// What the user asked for.
@@ -121,7 +124,7 @@ fn transaction(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
         // The first chunk is read and checked against the signed hash list
         // here, before anything is written: a corrupt or spliced stream is
         // refused before the spare is marked bad.
-        let rootfs = payload_reader(reader, &header, ROOTFS)?;
+        let rootfs: RootfsReader = parallel_payload_reader(reader, &header, ROOTFS)?;
         Ok(Done {
             value: (done.value, Some(rootfs)),
             state: done.state,
@@ -139,21 +142,28 @@ fn transaction(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
         rep.step("mark-bad", Write, || mark_bad(&mut sys, target, &header))?;
         let payload = manifest.rootfs().clone();
         let events = rep.events.clone();
-        let (new_root, reader) = rep.step("write", Write, || {
-            let mut reader = reader;
+        let (new_root, ahead) = rep.step("write", Write, || {
+            // Reading and checking chunks run on their own threads, and
+            // decompression on another, while this one writes.
+            let mut ahead =
+                ReadAhead::start(reader).context("starting the decompression thread")?;
             let progress = events.progress("write", Some(payload.size));
-            let done = write_payload(&sys, target, &payload, &mut progress.reader(&mut reader))?;
+            let done = write_payload(&sys, target, &payload, &mut progress.reader(&mut ahead))?;
             progress.flush();
             Ok(Done {
-                value: (done.value, reader),
+                value: (done.value, ahead),
                 state: done.state,
                 comment: done.comment,
             })
         })?;
         // Finishing drains and checks the payload; the step reports it.
-        let finished = reader.finish();
+        let finished = ahead
+            .into_inner()
+            .map_err(anyhow::Error::from)
+            .and_then(|reader| reader.finish())
+            .and_then(|stored| Ok(stored.into_inner()?));
         rep.step("verify", Write, || {
-            read_trailer(&mut finished?.into_inner())?;
+            read_trailer(&mut finished?)?;
             Ok(Done::unchanged(
                 (),
                 format!(
@@ -246,6 +256,10 @@ pub struct Input {
     reader: BundleStream,
     file_len: Option<u64>,
 }
+
+/// The rootfs payload's decompressed bytes, from chunks checked on other
+/// threads.
+type RootfsReader = PayloadReader<ParallelChunks<BundleStream>>;
 
 fn open_and_verify(cfg: &SystemConfig, bundle: &Path) -> Result<Done<(Input, BundleHeader)>> {
     if bundle != Path::new("-") {
@@ -408,22 +422,23 @@ fn write_payload(
     sys: &System,
     target: SlotName,
     payload: &Payload,
-    reader: &mut dyn std::io::Read,
+    reader: &mut dyn Read,
 ) -> Result<Done<Option<TempMount>>> {
     let dev = &sys.slot(target).dev.path;
     let start = std::time::Instant::now();
-    let (stats, mount) = match payload.kind {
-        PayloadKind::Raw => (write::raw::write_raw(reader, dev)?, None),
+    let (what, mount) = match payload.kind {
+        PayloadKind::Raw => {
+            let capacity = write::device_size(dev)?;
+            let s = write::write_image(reader, dev, capacity, Some(payload.size))?;
+            (format!("{} bytes ({})", s.bytes, s.describe()), None)
+        }
         PayloadKind::Tar => {
-            let (m, stats) = write::tar::write_tar(reader, dev, &fs_label(sys, target))?;
-            (stats, Some(m))
+            let (m, s) = write::tar::write_tar(reader, dev, &fs_label(sys, target))?;
+            let what = format!("{} files ({} bytes of file data)", s.files, s.bytes);
+            (what, Some(m))
         }
     };
     let secs = start.elapsed().as_secs_f64();
-    let what = match payload.kind {
-        PayloadKind::Raw => format!("{} bytes", stats.bytes),
-        PayloadKind::Tar => format!("{} files ({} bytes of file data)", stats.files, stats.bytes),
-    };
     Ok(Done::changed(
         mount,
         format!(

@@ -4,10 +4,16 @@
 //!
 //! The payload is built in a temporary file beside the output first, because
 //! the manifest (which comes first in the bundle) must pin the payload's
-//! hashes and sizes. The bundle itself is written to a second temporary file
-//! and renamed into place, so `out` is either the old file or a complete
-//! bundle. Building therefore needs free space for about twice the bundle
-//! size in the output's directory.
+//! hashes and sizes; its chunk hashes are computed as the compressed bytes
+//! stream past, so every byte is hashed once. The header is then inserted in
+//! front of the payload in place (`FALLOC_FL_INSERT_RANGE`, ext4/XFS: no
+//! copy), or, where the filesystem cannot, the payload is copied after the
+//! header into a second temporary file. The result is renamed into place, so
+//! `out` is either the old file or a complete bundle.
+//!
+//! zstd compresses on every CPU (zstd's own worker threads); gzip cuts the
+//! input into 4 MiB blocks compressed in parallel as independent gzip
+//! members, pigz-style.
 
 use super::manifest::{Compression, Manifest, Payload, PayloadKind, MANIFEST_FORMAT, ROOTFS};
 use super::reader::{ChunkHasher, Layout, SignatureInfo};
@@ -183,26 +189,37 @@ pub fn create(opts: &CreateOptions, out: &Path) -> Result<Manifest> {
         None => Vec::new(),
     };
 
-    let mut bundle_file = tempfile::Builder::new()
-        .prefix(".abup-bundle-")
-        .tempfile_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
     let layout = Layout::new(
         &manifest,
         manifest_bytes.len() as u64,
         signature.len() as u64,
     )?;
-    write_bundle(
-        bundle_file.as_file_mut(),
+    let header = header_bytes(
         &manifest_bytes,
         &signature,
         &built.hash_list,
         layout.padding.length,
-        payload_file.as_file_mut(),
-        built.stored_size,
-    )
-    .with_context(|| format!("writing bundle {}", out.display()))?;
-    drop(payload_file);
+    )?;
+    // One pass: the payload file becomes the bundle by inserting the header
+    // in front of it (the header is a multiple of 4096 bytes). Where the
+    // filesystem cannot do that, the payload is copied after the header.
+    let bundle_file = match insert_header(payload_file.as_file_mut(), &header, built.stored_size) {
+        Ok(()) => payload_file,
+        Err(_) => {
+            let mut bundle_file = tempfile::Builder::new()
+                .prefix(".abup-bundle-")
+                .tempfile_in(dir)
+                .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+            write_bundle(
+                bundle_file.as_file_mut(),
+                &header,
+                payload_file.as_file_mut(),
+                built.stored_size,
+            )
+            .with_context(|| format!("writing bundle {}", out.display()))?;
+            bundle_file
+        }
+    };
 
     // tempfile creates 0600; a bundle is meant to be shared.
     fs::set_permissions(bundle_file.path(), fs::Permissions::from_mode(0o644))
@@ -249,25 +266,59 @@ fn created_time() -> Result<u64> {
         .unwrap_or(0))
 }
 
-/// Writes the complete bundle to `file` and syncs it.
-fn write_bundle(
-    file: &mut File,
+/// Everything before the first payload byte: magic, version, manifest,
+/// signature block, hash list, zero padding.
+fn header_bytes(
     manifest: &[u8],
     signature: &[u8],
     hash_list: &[u8],
     padding: u64,
+) -> Result<Vec<u8>> {
+    let mut h = Vec::with_capacity(manifest.len() + hash_list.len() + 8192);
+    h.extend_from_slice(MAGIC);
+    h.extend_from_slice(&CONTAINER_VERSION.to_le_bytes());
+    h.extend_from_slice(&len_u32(manifest)?.to_le_bytes());
+    h.extend_from_slice(manifest);
+    h.extend_from_slice(&len_u32(signature)?.to_le_bytes());
+    h.extend_from_slice(signature);
+    h.extend_from_slice(hash_list);
+    h.resize(h.len() + padding as usize, 0);
+    Ok(h)
+}
+
+/// Turns the payload file into the bundle in place: inserts `header.len()`
+/// bytes at its start (`FALLOC_FL_INSERT_RANGE`: ext4 and XFS move extents,
+/// no data is copied), writes the header there and the end marker after the
+/// payload, and syncs. Fails (leaving the file as it was) where the
+/// filesystem does not support it.
+fn insert_header(file: &mut File, header: &[u8], stored_size: u64) -> Result<()> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    ensure!(stored_size > 0, "nothing to insert before");
+    fallocate(
+        file.as_raw_fd(),
+        FallocateFlags::FALLOC_FL_INSERT_RANGE,
+        0,
+        header.len() as i64,
+    )
+    .context("inserting the bundle header")?;
+    file.write_all_at(header, 0)?;
+    file.write_all_at(TRAILER, header.len() as u64 + stored_size)?;
+    file.sync_all().context("syncing the bundle")?;
+    Ok(())
+}
+
+/// Writes the complete bundle to `file` (header, a copy of the payload, end
+/// marker) and syncs it.
+fn write_bundle(
+    file: &mut File,
+    header: &[u8],
     payload: &mut File,
     stored_size: u64,
 ) -> Result<()> {
     let mut w = BufWriter::with_capacity(IO_BUFFER, &mut *file);
-    w.write_all(MAGIC)?;
-    w.write_all(&CONTAINER_VERSION.to_le_bytes())?;
-    w.write_all(&len_u32(manifest)?.to_le_bytes())?;
-    w.write_all(manifest)?;
-    w.write_all(&len_u32(signature)?.to_le_bytes())?;
-    w.write_all(signature)?;
-    w.write_all(hash_list)?;
-    w.write_all(&vec![0u8; padding as usize])?;
+    w.write_all(header)?;
     payload
         .seek(SeekFrom::Start(0))
         .context("rewinding the payload file")?;
@@ -533,7 +584,7 @@ impl<W: Write> Write for HashWriter<'_, W> {
 /// The compressor in front of the payload file.
 enum Encoder<W: Write> {
     None(W),
-    Gzip(flate2::write::GzEncoder<W>),
+    Gzip(super::pgzip::ParallelGzip<W>),
     Zstd(zstd::stream::write::Encoder<'static, W>),
 }
 
@@ -541,15 +592,19 @@ impl<W: Write> Encoder<W> {
     fn new(compression: Compression, zstd_level: i32, w: W) -> Result<Self> {
         Ok(match compression {
             Compression::None => Encoder::None(w),
-            Compression::Gzip => Encoder::Gzip(flate2::write::GzEncoder::new(
-                w,
-                flate2::Compression::default(),
-            )),
+            Compression::Gzip => Encoder::Gzip(
+                super::pgzip::ParallelGzip::new(w, flate2::Compression::default())
+                    .context("starting the gzip threads")?,
+            ),
             Compression::Zstd => {
                 let mut e = zstd::stream::write::Encoder::new(w, zstd_level)
                     .context("setting up zstd compression")?;
                 e.include_checksum(true)
                     .context("setting up zstd compression")?;
+                // zstd's own worker threads, one per CPU (as `zstd -T0`).
+                let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+                e.multithread(cpus as u32)
+                    .context("setting up zstd compression threads")?;
                 Encoder::Zstd(e)
             }
         })

@@ -86,7 +86,7 @@ pub enum PayloadKind {
 pub enum Compression {
     /// Stored as is.
     None,
-    /// A single gzip member.
+    /// One or more gzip members (abup writes one per 4 MiB of input).
     Gzip,
     /// One or more zstd frames.
     Zstd,

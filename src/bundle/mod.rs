@@ -22,10 +22,13 @@
 //! * [`keys`]: ed25519 key files, key ids and the manifest signature.
 //! * [`create`]: building a bundle from a directory, a tarball or an image.
 //! * [`reader`]: reading the header, verifying it, streaming payloads.
+//! * [`parallel`]: the same chunk checks on other threads, for installing.
 
 pub mod create;
 pub mod keys;
 pub mod manifest;
+pub mod parallel;
+pub mod pgzip;
 pub mod reader;
 
 pub use create::{create, CreateOptions, Source, DEFAULT_ZSTD_LEVEL};

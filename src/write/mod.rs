@@ -6,7 +6,10 @@
 //! they and `bundle create` share:
 //!
 //! - [`raw`]: a filesystem image copied byte for byte onto the slot's block
-//!   device, refusing payloads larger than the slot.
+//!   device with direct I/O, skipping zeros once the slot is zeroed, refusing
+//!   payloads larger than the slot.
+//! - [`pipeline`]: read-ahead on another thread, so decompressing overlaps
+//!   with writing.
 //! - [`tar`]: a root filesystem as a tar stream, extracted onto a freshly
 //!   formatted ext4 with owners, modes, mtimes, xattrs, hard links, symlinks
 //!   and device nodes preserved.
@@ -21,11 +24,12 @@
 //! (`fsync` of the device, `syncfs` of the new root), not per chunk or file.
 
 pub mod pax;
+pub mod pipeline;
 pub mod raw;
 pub mod tar;
 pub mod tree;
 
-pub use self::raw::{device_size, write_raw, write_raw_limited};
+pub use self::raw::{device_size, write_image, write_raw, write_raw_limited, RawStats};
 pub use self::tar::{extract_tar, format_ext4, write_tar};
 
 /// What a writer put on the slot.
