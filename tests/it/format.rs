@@ -78,7 +78,18 @@ fn spliced_stream_is_stopped_before_the_spare_is_touched() {
     let genuine = env.simple_bundle("1.0.0");
     let evil_tree = env.path("evil");
     simple_rootfs(&evil_tree, "6.6.6");
-    fs::write(evil_tree.join("etc/evil"), "pwned\n").unwrap();
+    // Incompressible and larger than the genuine payload, so the spliced
+    // bytes fill the genuine first chunk (a shorter one is "truncated").
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: Vec<u8> = (0..20_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    fs::write(evil_tree.join("etc/evil"), noise).unwrap();
     let other = env.bundle_opts(
         Source::Rootfs(&evil_tree),
         "6.6.6",

@@ -1,0 +1,283 @@
+#!/usr/bin/env bash
+# abup install/create benchmark against shell pipelines and SWUpdate.
+#
+#   bash tests/bench/run.sh            # as root; RUNS=5 by default
+#   RUNS=3 BENCH_DIR=/var/tmp/x bash tests/bench/run.sh
+#
+# Not a test and not run by CI: it takes 15-30 minutes and needs ~25 GB in
+# BENCH_DIR (default /var/tmp/abup-bench). It builds abup --release, a tree
+# from this machine's /usr (share, sbin, libexec: ~780 MB), a 1 GiB ext4
+# image of it and a 4 GiB one holding four copies, then times, interleaved,
+# with the target partition scrambled before every run, medians of RUNS:
+#
+#   raw 1 GiB:  abup zstd / gzip / none bundles  vs  zstd -dc | dd oflag=direct,
+#               pigz -dc | dd oflag=direct, dd oflag=direct of the image,
+#               SWUpdate (Debian's, raw handler, installed-directly, zstd)
+#   raw 4 GiB:  abup zstd (ratio to abup's 1 GiB time)
+#   tarball:    abup zstd / gzip  vs  mkfs.ext4 + tar --xattrs -xpf + umount
+#   create:     abup bundle create zstd / gzip  vs  zstd -T0 / pigz
+#
+# and prints each median, each ratio, and abup's peak RSS (/usr/bin/time -v).
+# The target is a GPT partition of a loop device over a file in BENCH_DIR.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+REPO=$PWD
+RUNS=${RUNS:-5}
+W=${BENCH_DIR:-/var/tmp/abup-bench}
+
+[ "$(id -u)" -eq 0 ] || { echo "run as root" >&2; exit 1; }
+pkgs=(zstd pigz gdisk e2fsprogs grub-common time tar cpio openssl swupdate bc)
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" || true
+fi
+
+echo "==> building abup (release)"
+cargo build --release -q
+ABUP=${CARGO_TARGET_DIR:-$REPO/target}/release/abup
+
+mkdir -p "$W"
+cd "$W"
+LOOP=""
+MNT="$W/mnt"
+mkdir -p "$MNT"
+cleanup() {
+    mountpoint -q "$MNT" && umount "$MNT"
+    if [ -n "$LOOP" ]; then
+        partx -d "$LOOP" 2>/dev/null || true
+        losetup -d "$LOOP" 2>/dev/null || true
+    fi
+}
+trap cleanup EXIT
+
+# ---------------------------------------------------------------- inputs
+if [ ! -f tree.done ]; then
+    echo "==> copying a tree from /usr"
+    rm -rf tree && mkdir -p tree/usr
+    cp -a /usr/share /usr/sbin /usr/libexec tree/usr/
+    touch tree.done
+fi
+if [ ! -f img1.done ]; then
+    echo "==> 1 GiB ext4 image"
+    rm -f img1.ext4 && truncate -s 1G img1.ext4
+    mkfs.ext4 -q -F -d tree img1.ext4
+    touch img1.done
+fi
+if [ ! -f img4.done ]; then
+    echo "==> 4 GiB ext4 image (four copies of the tree)"
+    rm -rf tree4 && mkdir tree4
+    for i in 1 2 3 4; do cp -a --reflink=auto tree "tree4/copy$i"; done
+    rm -f img4.ext4 && truncate -s 4G img4.ext4
+    mkfs.ext4 -q -F -d tree4 img4.ext4
+    rm -rf tree4
+    touch img4.done
+fi
+[ -f tree.tar ] || tar --create --file=tree.tar --numeric-owner --xattrs --xattrs-include='*' --acls --sort=name -C tree .
+[ -f junk ] || head -c 1G /dev/urandom > junk
+[ -f k.key ] || "$ABUP" keygen --secret k.key --public k.pub >/dev/null
+[ -f img1.ext4.zst ] || zstd -q -T0 -3 -c img1.ext4 > img1.ext4.zst
+[ -f img1.ext4.gz ] || pigz -6 -c img1.ext4 > img1.ext4.gz
+
+bundle() { # out source-flag source compression
+    [ -f "$1" ] || "$ABUP" bundle create "$2" "$3" --version 1.0.0 --compatible bench \
+        --compression "$4" --key k.key -o "$1" >/dev/null
+}
+echo "==> bundles"
+bundle raw-zstd.abup --image img1.ext4 zstd
+bundle raw-gzip.abup --image img1.ext4 gzip
+bundle raw-none.abup --image img1.ext4 none
+bundle raw4-zstd.abup --image img4.ext4 zstd
+bundle tar-zstd.abup --tarball tree.tar zstd
+bundle tar-gzip.abup --tarball tree.tar gzip
+
+# ---------------------------------------------------------------- target disk
+echo "==> target disk"
+rm -f disk.img && truncate -s 4300M disk.img
+sgdisk -o -n 1:0:+16M -c 1:rootA -n 2:0:+4200M -c 2:rootB disk.img >/dev/null
+LOOP=$(losetup -f --show disk.img)
+partx -a "$LOOP"
+P=${LOOP}p2
+[ -b "$P" ] || { echo "no partition node $P" >&2; exit 1; }
+mkdir -p state
+grub-editenv grubenv create
+grub-editenv grubenv set ORDER="A B" A_OK=1 A_TRY=0 B_OK=0 B_TRY=0 ABUP_MAX_TRIES=3
+cat > system.toml <<EOF
+compatible = "bench"
+state_dir = "$W/state"
+[disk]
+device = "$LOOP"
+[slots.A]
+partlabel = "rootA"
+[slots.B]
+partlabel = "rootB"
+[boot]
+backend = "grub"
+tries = 3
+[boot.grub]
+envfile = "$W/grubenv"
+[keys]
+trusted = ["$W/k.pub"]
+EOF
+
+scramble() { # GiB
+    local i
+    for ((i = 0; i < $1; i++)); do
+        dd if=junk of="$P" bs=4M seek=$((i * 256)) oflag=direct conv=notrunc status=none
+    done
+}
+
+# ---------------------------------------------------------------- SWUpdate
+# (sw-description names the target device, so it is rebuilt every run.)
+rm -f swu.done
+swu() { swupdate -H bench:1.0 -k "$W/swu/cert.pem" -m -M -i "$1"; }
+SWU_OK=0
+SWU_WHY=""
+if command -v swupdate >/dev/null; then
+    if [ ! -f swu.done ]; then
+        rm -rf swu && mkdir swu
+        cp img1.ext4.zst swu/rootfs.ext4.zst
+        # Debian's SWUpdate verifies CMS signatures and hardware compatibility.
+        openssl req -x509 -newkey rsa:2048 -nodes -keyout swu/key.pem -out swu/cert.pem \
+            -days 30 -subj "/CN=abup-bench" -addext "extendedKeyUsage=emailProtection" \
+            -addext "keyUsage=digitalSignature" 2>/dev/null
+        sha=$(sha256sum swu/rootfs.ext4.zst | cut -d' ' -f1)
+        cat > swu/sw-description <<EOF
+software =
+{
+    version = "1.0.0";
+    hardware-compatibility = [ "1.0" ];
+    images: (
+        {
+            filename = "rootfs.ext4.zst";
+            device = "$P";
+            type = "raw";
+            compressed = "zstd";
+            installed-directly = true;
+            sha256 = "$sha";
+        }
+    );
+}
+EOF
+        openssl cms -sign -in swu/sw-description -out swu/sw-description.sig -signer swu/cert.pem \
+            -inkey swu/key.pem -outform DER -nosmimecap -binary
+        (cd swu && printf '%s\n' sw-description sw-description.sig rootfs.ext4.zst |
+            cpio -o -H crc --quiet > ../update.swu)
+        touch swu.done
+    fi
+    if swu update.swu >swu.log 2>&1; then
+        SWU_OK=1
+    else
+        SWU_WHY="swupdate failed: $(tail -3 swu.log | tr '\n' ' ')"
+    fi
+else
+    SWU_WHY="swupdate is not installed"
+fi
+
+# ---------------------------------------------------------------- runs
+declare -A T    # method -> list of seconds
+RSS=()          # "method kB"
+now() { date +%s.%N; }
+record() { T[$1]="${T[$1]:-} $2"; }
+
+timed() { # method cmd...
+    local m=$1; shift
+    local s e
+    s=$(now)
+    if ! "$@" >/dev/null 2>>"$W/errors.log"; then
+        echo "FAILED: $m ($*); see $W/errors.log" >&2
+        exit 1
+    fi
+    e=$(now)
+    record "$m" "$(echo "$e - $s" | bc)"
+}
+
+abup_timed() { # method bundle
+    local m=$1 b=$2
+    local s e
+    s=$(now)
+    /usr/bin/time -v -o "$W/time.txt" "$ABUP" --config "$W/system.toml" --booted-slot A \
+        install --no-activate --force "$W/$b" >/dev/null 2>>"$W/errors.log" ||
+        { echo "FAILED: $m; see $W/errors.log" >&2; cat "$W/time.txt" >&2; exit 1; }
+    e=$(now)
+    record "$m" "$(echo "$e - $s" | bc)"
+    RSS+=("$m $(awk -F': ' '/Maximum resident/ {print $2}' "$W/time.txt")")
+}
+
+gnu_tar() {
+    mkfs.ext4 -q -F "$P" && mount "$P" "$MNT" &&
+        tar --xattrs --xattrs-include='*' --acls -xpf "$W/tree.tar" -C "$MNT" &&
+        umount "$MNT" && sync
+}
+
+create_timed() { # method args...
+    local m=$1; shift
+    rm -f "$W/c.abup"
+    local s e
+    s=$(now)
+    /usr/bin/time -v -o "$W/time.txt" "$ABUP" bundle create "$@" --version 1.0.0 \
+        --compatible bench --key "$W/k.key" -o "$W/c.abup" >/dev/null 2>>"$W/errors.log" ||
+        { echo "FAILED: $m" >&2; exit 1; }
+    e=$(now)
+    record "$m" "$(echo "$e - $s" | bc)"
+    RSS+=("$m $(awk -F': ' '/Maximum resident/ {print $2}' "$W/time.txt")")
+}
+
+warm() { cat "$W"/*.abup "$W"/img1.ext4* "$W"/tree.tar "$W"/update.swu > /dev/null 2>&1 || true; }
+
+for ((r = 1; r <= RUNS; r++)); do
+    echo "==> round $r of $RUNS"
+    warm
+    scramble 1; timed dd_direct dd if=img1.ext4 of="$P" bs=4M oflag=direct status=none
+    scramble 1; timed zstd_dd bash -c "zstd -dc img1.ext4.zst | dd of=$P bs=4M iflag=fullblock oflag=direct status=none"
+    scramble 1; abup_timed abup_raw_zstd raw-zstd.abup
+    scramble 1; timed pigz_dd bash -c "pigz -dc img1.ext4.gz | dd of=$P bs=4M iflag=fullblock oflag=direct status=none"
+    scramble 1; abup_timed abup_raw_gzip raw-gzip.abup
+    scramble 1; abup_timed abup_raw_none raw-none.abup
+    if [ "$SWU_OK" = 1 ]; then
+        scramble 1; timed swupdate_zstd swu update.swu
+    fi
+    scramble 4; abup_timed abup_raw4_zstd raw4-zstd.abup
+    scramble 1; timed gnu_tar gnu_tar
+    scramble 1; abup_timed abup_tar_zstd tar-zstd.abup
+    scramble 1; abup_timed abup_tar_gzip tar-gzip.abup
+    timed zstd_T0 bash -c "zstd -q -T0 -3 -c img1.ext4 > $W/c.zst"
+    create_timed create_zstd --image img1.ext4 --compression zstd
+    timed pigz bash -c "pigz -6 -c img1.ext4 > $W/c.gz"
+    create_timed create_gzip --image img1.ext4 --compression gzip
+done
+
+# ---------------------------------------------------------------- report
+median() { tr ' ' '\n' <<<"${T[$1]}" | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+ratio() { # name a b target
+    local a b
+    a=$(median "$2"); b=$(median "$3")
+    printf '  %-44s %6.2f   (target %s)\n' "$1" "$(echo "$a / $b" | bc -l)" "$4"
+}
+echo
+echo "medians of $RUNS runs, seconds:"
+for m in dd_direct zstd_dd pigz_dd swupdate_zstd abup_raw_zstd abup_raw_gzip abup_raw_none \
+    abup_raw4_zstd gnu_tar abup_tar_zstd abup_tar_gzip zstd_T0 create_zstd pigz create_gzip; do
+    [ -n "${T[$m]:-}" ] && printf '  %-16s %7.2f   (%s)\n' "$m" "$(median "$m")" "${T[$m]# }"
+done
+echo
+echo "ratios:"
+ratio "abup raw zstd / zstd -dc | dd" abup_raw_zstd zstd_dd "<= 0.8"
+if [ "$SWU_OK" = 1 ]; then
+    ratio "abup raw zstd / SWUpdate zstd" abup_raw_zstd swupdate_zstd "<= 0.5"
+else
+    echo "  abup raw zstd / SWUpdate zstd: not measured: $SWU_WHY"
+fi
+ratio "abup raw gzip / pigz -dc | dd" abup_raw_gzip pigz_dd "<= 0.7"
+ratio "abup raw none / dd oflag=direct" abup_raw_none dd_direct "-"
+ratio "abup raw 4 GiB / abup raw 1 GiB (zstd)" abup_raw4_zstd abup_raw_zstd "<= 4.3"
+ratio "abup tar zstd / mkfs + tar + sync" abup_tar_zstd gnu_tar "<= 0.8"
+ratio "abup tar gzip / mkfs + tar + sync" abup_tar_gzip gnu_tar "-"
+ratio "bundle create zstd / zstd -T0" create_zstd zstd_T0 "<= 1.2"
+ratio "bundle create gzip / pigz" create_gzip pigz "-"
+echo
+echo "abup peak RSS (max over runs, MiB):"
+printf '%s\n' "${RSS[@]}" | awk '{ if ($2 > m[$1]) m[$1] = $2 } END { for (k in m) printf "  %-16s %6.1f\n", k, m[k] / 1024 }' | sort
