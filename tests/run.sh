@@ -9,7 +9,8 @@ if [ "$(id -u)" -ne 0 ]; then
     echo "tests/run.sh: run as root (the tests use loop devices, mkfs.ext4 and mount)" >&2
     exit 1
 fi
-pkgs=(gdisk e2fsprogs grub-common zstd attr acl util-linux mount tar busybox-static procps)
+pkgs=(gdisk e2fsprogs grub-common zstd attr acl util-linux mount tar busybox-static procps
+    u-boot-tools libubootenv-tool mtools dosfstools cpio qemu-system-arm u-boot-qemu)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -34,5 +35,19 @@ if ! command -v nmcli >/dev/null; then
         rm -rf "$tmp"
     fi
     export ABUP_TEST_NMCLI="$nm_dir/usr/bin/nmcli"
+fi
+# The U-Boot real-boot test (tests/it/uboot_boot.rs) boots an arm64 Debian
+# cloud kernel and busybox: fetched once into the cache with apt-get download.
+cache=${ABUP_TEST_CACHE:-/var/cache/abup-tests}
+mkdir -p "$cache"
+if ! ls "$cache"/linux-image-*-cloud-arm64-unsigned_*_arm64.deb >/dev/null 2>&1 ||
+    ! ls "$cache"/busybox-static_*_arm64.deb >/dev/null 2>&1; then
+    echo "==> fetching arm64 kernel and busybox into $cache"
+    if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+        dpkg --add-architecture arm64
+    fi
+    apt-get update -qq
+    kpkg=$(apt-cache depends linux-image-cloud-arm64:arm64 | awk '/Depends: linux-image-/{print $2; exit}')
+    (cd "$cache" && apt-get download -qq "${kpkg%%:*}-unsigned:arm64" busybox-static:arm64)
 fi
 cargo test --all-targets

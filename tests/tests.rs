@@ -24,6 +24,8 @@ mod migrate;
 mod slots;
 #[path = "it/tar_fidelity.rs"]
 mod tar_fidelity;
+#[path = "it/uboot_boot.rs"]
+mod uboot_boot;
 #[path = "it/util.rs"]
 mod util;
 #[path = "it/ux.rs"]
