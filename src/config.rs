@@ -62,8 +62,17 @@ pub enum UbootEnvLocation {
 /// The boot backend, chosen once from the config.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BootConfig {
-    Grub { env: GrubEnvLocation },
-    Uboot { env: UbootEnvLocation },
+    Grub {
+        env: GrubEnvLocation,
+    },
+    Uboot {
+        env: UbootEnvLocation,
+    },
+    /// An executable with RAUC's custom-backend interface.
+    Custom {
+        command: PathBuf,
+        timeout: std::time::Duration,
+    },
 }
 
 /// The validated system configuration.
@@ -143,6 +152,7 @@ impl SystemConfig {
         let other_tables = [
             ("grub", raw.boot.grub.is_some()),
             ("uboot", raw.boot.uboot.is_some()),
+            ("custom", raw.boot.custom.is_some()),
         ];
         if let Some((t, _)) = other_tables
             .iter()
@@ -188,9 +198,22 @@ impl SystemConfig {
             "uboot" => BootConfig::Uboot {
                 env: uboot_location(raw.boot.uboot.unwrap_or_default())?,
             },
-            other => {
-                bail!("boot.backend {other:?} is not supported; supported backends: grub, uboot")
+            "custom" => {
+                let c = raw.boot.custom.context(
+                    "boot.custom.command must name the executable of the custom backend",
+                )?;
+                let secs = c.timeout.unwrap_or(10);
+                if !(1..=600).contains(&secs) {
+                    bail!("boot.custom.timeout must be between 1 and 600 seconds, not {secs}");
+                }
+                BootConfig::Custom {
+                    command: absolute("boot.custom.command", c.command)?,
+                    timeout: std::time::Duration::from_secs(secs),
+                }
             }
+            other => bail!(
+                "boot.backend {other:?} is not supported; supported backends: grub, uboot, custom"
+            ),
         };
         if raw.compatible.trim().is_empty() {
             bail!("compatible must not be empty");
@@ -396,6 +419,14 @@ struct RawBoot {
     tries: Option<u32>,
     grub: Option<RawGrub>,
     uboot: Option<RawUboot>,
+    custom: Option<RawCustom>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCustom {
+    command: PathBuf,
+    timeout: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]

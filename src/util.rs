@@ -66,6 +66,13 @@ impl std::fmt::Display for Replaced {
     }
 }
 
+/// How a process ended, for messages: "1", or "a signal".
+pub fn exit_text(status: &std::process::ExitStatus) -> String {
+    status
+        .code()
+        .map_or("a signal".to_string(), |c| c.to_string())
+}
+
 /// Replaces `path` with `data` atomically: write a temporary file beside it,
 /// fsync it, rename it over `path`, then fsync the directory. A reader (or a
 /// power cut) sees either the old content or the new, never a mix. An error

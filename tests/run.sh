@@ -10,7 +10,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 pkgs=(gdisk e2fsprogs grub-common zstd attr acl util-linux mount tar busybox-static procps
-    u-boot-tools libubootenv-tool mtools dosfstools cpio qemu-system-arm u-boot-qemu)
+    u-boot-tools libubootenv-tool mtools dosfstools cpio qemu-system-arm u-boot-qemu systemd)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

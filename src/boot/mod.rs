@@ -4,6 +4,7 @@
 //! The backend is chosen once from the config ([`crate::config::BootConfig`])
 //! by [`open`]; nothing else in abup knows which bootloader is in use.
 
+pub mod custom;
 pub mod grub;
 pub mod uboot;
 pub mod ubootenv;
@@ -101,6 +102,7 @@ pub fn open(cfg: &BootConfig, tries: u32, disk: &Disk) -> Result<OpenBackend> {
                 part: None,
             })
         }
+        BootConfig::Custom { command, timeout } => open_custom(command, *timeout, tries),
         BootConfig::Uboot { env } => {
             let (store, part) = uboot_store(env, disk).map_err(|e| e.context("uboot backend"))?;
             let backend =
@@ -113,6 +115,22 @@ pub fn open(cfg: &BootConfig, tries: u32, disk: &Disk) -> Result<OpenBackend> {
             })
         }
     }
+}
+
+/// Builds the custom backend (an executable named in the config).
+fn open_custom(
+    command: &std::path::Path,
+    timeout: std::time::Duration,
+    tries: u32,
+) -> Result<OpenBackend> {
+    let backend = custom::CustomBackend::open(command, timeout, tries)
+        .map_err(|e| e.context("custom backend"))?;
+    Ok(OpenBackend {
+        backend: Box::new(Named(backend)),
+        mount: None,
+        device: None,
+        part: None,
+    })
 }
 
 /// Puts "<name> backend: " before every error of the backend it wraps, so

@@ -9,6 +9,7 @@
 use crate::util::*;
 use std::collections::BTreeMap;
 use std::fs;
+use std::path::Path;
 
 fn vars(list: &[(&str, &str)]) -> BTreeMap<String, String> {
     env_map(list)
@@ -241,4 +242,73 @@ fn uboot_torn_redundant_write_leaves_a_valid_environment() {
         }
     }
     assert!(saw_old > 0);
+}
+
+/// A custom backend script that fails, hangs or prints garbage stops the
+/// install with the script's name and problem: slot A, the grubenv and the
+/// spare stay byte-identical, nothing is flipped.
+#[test]
+fn custom_backend_bad_scripts_change_nothing() {
+    let env = Env::builder().custom().build();
+    let bundle = env.simple_bundle("1.0.0");
+    let script = env.root.join("custom-boot");
+    let spare = env.disk.sha256_of_partition("rootB");
+    let fast = env.path("system.toml");
+    fs::write(
+        &fast,
+        fs::read_to_string(&env.config)
+            .unwrap()
+            .replace("timeout = 20", "timeout = 1"),
+    )
+    .unwrap();
+    let before = env.snapshot();
+    for (body, code, want) in [
+        ("echo broken >&2; exit 3", 3, "exited with 3: broken"),
+        ("sleep 30", 3, "did not finish within 1 s"),
+        ("echo 'primary is A'", 3, "expected exactly one of A, B, none"),
+        (
+            // Answers queries, fails to write: the install stops at mark-bad.
+            "case \"$1\" in get-primary) echo A;; get-state) echo good;; *) echo no >&2; exit 5;; esac",
+            1,
+            "exited with 5: no",
+        ),
+    ] {
+        write(&env.root, "custom-boot", &format!("#!/bin/sh\n{body}\n"), 0o755);
+        let started = std::time::Instant::now();
+        let err = env
+            .abup_with(&fast, &["--booted-slot", "A", "install", s(&bundle)], None)
+            .failed(code, &["custom backend", want]);
+        assert!(err.contains(s(&script)), "{err}");
+        assert!(started.elapsed().as_secs() < 15, "{body}: took {:?}", started.elapsed());
+        env.assert_untouched(&before);
+        assert_eq!(env.disk.sha256_of_partition("rootB"), spare, "{body}");
+    }
+}
+
+/// The shipped systemd units load cleanly (`systemd-analyze verify`, no
+/// warnings), with ExecStart pointed at the built abup.
+#[test]
+fn systemd_units_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let units = ["abup-mark-good.service", "abup-health-check.service"];
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("boot-backends/systemd");
+    for u in units {
+        let text = fs::read_to_string(src.join(u)).unwrap();
+        assert!(
+            text.contains("/usr/bin/abup") || u.contains("health"),
+            "{u}"
+        );
+        fs::write(
+            dir.path().join(u),
+            text.replace("/usr/bin/abup", abup_bin()),
+        )
+        .unwrap();
+    }
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .args(units.map(|u| dir.path().join(u)))
+        .output()
+        .expect("running systemd-analyze (install systemd)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
 }

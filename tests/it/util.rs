@@ -702,6 +702,7 @@ pub struct EnvBuilder {
     sector: u32,
     grub: GrubLoc,
     uboot: Option<UbootLoc>,
+    custom: bool,
     preserve: Vec<String>,
     slot_b_by_uuid: bool,
     kernel_partitions: bool,
@@ -714,6 +715,13 @@ impl EnvBuilder {
     }
     pub fn grub(mut self, g: GrubLoc) -> Self {
         self.grub = g;
+        self
+    }
+    /// The custom backend running boot-backends/custom/abup-boot-grubenv
+    /// on the grubenv file (`GrubLoc::File`).
+    pub fn custom(mut self) -> Self {
+        self.custom = true;
+        self.grub = GrubLoc::File;
         self
     }
     /// The U-Boot backend instead of GRUB, with its environment at `u`.
@@ -775,6 +783,20 @@ impl EnvBuilder {
         if self.grub == GrubLoc::File {
             grub_editenv_init(&envfile, INITIAL_ENV);
         }
+        if self.custom {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("boot-backends/custom/abup-boot-grubenv");
+            write(
+                &root,
+                "custom-boot",
+                &format!(
+                    "#!/bin/sh\nABUP_GRUBENV={} exec {} \"$@\"\n",
+                    s(&envfile),
+                    s(&script)
+                ),
+                0o755,
+            );
+        }
 
         // The running system whose files `preserve` carries over.
         let running = root.join("running-root");
@@ -832,6 +854,7 @@ impl EnvBuilder {
             envfile,
             grub: self.grub,
             uboot: self.uboot,
+            custom: self.custom,
             running,
             secret,
             public: public.clone(),
@@ -857,6 +880,8 @@ pub struct Env {
     pub grub: GrubLoc,
     /// Set when the env uses the U-Boot backend (then `grub` is unused).
     pub uboot: Option<UbootLoc>,
+    /// Set when the env uses the custom backend over `envfile`.
+    pub custom: bool,
     pub running: PathBuf,
     pub secret: PathBuf,
     pub public: PathBuf,
@@ -870,6 +895,7 @@ impl Env {
             sector: 512,
             grub: GrubLoc::Partition,
             uboot: None,
+            custom: false,
             preserve: vec![
                 "/etc/hostname".into(),
                 "/etc/ssh".into(),
@@ -906,6 +932,13 @@ impl Env {
             GrubLoc::File => format!("envfile = {}", q(&self.envfile)),
         };
         let (backend, grub) = match self.uboot {
+            None if self.custom => (
+                "custom",
+                format!(
+                    "[boot.custom]\ncommand = {}\ntimeout = 20",
+                    q(&self.root.join("custom-boot"))
+                ),
+            ),
             None => ("grub", format!("[boot.grub]\n{grub}")),
             Some(u) => ("uboot", format!("[boot.uboot]\n{}", u.config(&self.root))),
         };
@@ -1021,6 +1054,26 @@ paths = [{paths}]
         match self.uboot {
             None => self.grubenv_bytes(),
             Some(u) => uboot_env_bytes(&self.disk, &self.root, u),
+        }
+    }
+
+    /// `grub-editenv FILE set VARS…` on the environment block, as GRUB's
+    /// `save_env` would change it.
+    pub fn grub_set(&self, vars: &[&str]) {
+        match self.grub {
+            GrubLoc::File => {
+                sh(Command::new("grub-editenv")
+                    .arg(&self.envfile)
+                    .arg("set")
+                    .args(vars));
+            }
+            GrubLoc::Partition => {
+                let boot = self.disk.mount("boot", true);
+                sh(Command::new("grub-editenv")
+                    .arg(boot.path().join("grub/grubenv"))
+                    .arg("set")
+                    .args(vars));
+            }
         }
     }
 
