@@ -37,6 +37,9 @@ pub struct Disk {
     pub is_block: bool,
     pub sector_size: u64,
     pub partitions: Vec<PartInfo>,
+    /// Bytes partitions may occupy: after the protective MBR, the primary
+    /// GPT header and its entries, and before the backup GPT.
+    pub usable: std::ops::Range<u64>,
 }
 
 /// A partition reachable as a block device.
@@ -77,6 +80,7 @@ impl Disk {
             .logical_block_size(lb)
             .open(path)
             .with_context(|| format!("reading GPT of {}", path.display()))?;
+        let usable = usable_range(path, sector_size, gpt.header())?;
         let mut partitions = Vec::new();
         for (number, p) in gpt.partitions() {
             if !p.is_used() {
@@ -99,7 +103,62 @@ impl Disk {
             is_block,
             sector_size,
             partitions,
+            usable,
         })
+    }
+
+    /// Resolves every partition the config names (`(role, reference)`, e.g.
+    /// `("slots.B", PARTUUID=…)`) and refuses the set unless each is its own
+    /// GPT partition inside the disk's usable area that shares no byte with
+    /// any other partition. Two names for one partition (a label and a
+    /// GUID), a slot that is the boot or data partition, a partition
+    /// covering the GPT or the whole disk: abup would otherwise format
+    /// something it must keep.
+    pub fn check_distinct(&self, named: &[(&str, &PartRef)]) -> Result<()> {
+        let mut found: Vec<(&str, &PartRef, &PartInfo)> = Vec::new();
+        for (role, r) in named {
+            let p = self.find(r).with_context(|| format!("finding {role}"))?;
+            if p.start < self.usable.start || p.start.saturating_add(p.size) > self.usable.end {
+                bail!(
+                    "{role} ({r}) is partition {} at bytes {}..{}, outside the usable area {}..{} of {} (it covers the partition table or lies beyond the disk): fix the partition table",
+                    p.number,
+                    p.start,
+                    p.start.saturating_add(p.size),
+                    self.usable.start,
+                    self.usable.end,
+                    self.path.display()
+                );
+            }
+            if let Some((other, oref, _)) = found.iter().find(|(_, _, q)| q.number == p.number) {
+                bail!(
+                    "{other} ({oref}) and {role} ({r}) are the same partition {} ({:?}, PARTUUID={}) of {}: each must name its own partition; fix the config",
+                    p.number,
+                    p.label,
+                    p.partuuid,
+                    self.path.display()
+                );
+            }
+            let end = p.start + p.size;
+            if let Some(q) = self
+                .partitions
+                .iter()
+                .find(|q| q.number != p.number && q.start < end && p.start < q.start + q.size)
+            {
+                bail!(
+                    "{role} ({r}) is partition {} at bytes {}..{}, which overlaps partition {} ({:?}) at bytes {}..{} of {}: fix the partition table",
+                    p.number,
+                    p.start,
+                    end,
+                    q.number,
+                    q.label,
+                    q.start,
+                    q.start + q.size,
+                    self.path.display()
+                );
+            }
+            found.push((role, r, p));
+        }
+        Ok(())
     }
 
     /// Finds the partition `r` names.
@@ -186,6 +245,24 @@ impl Disk {
             _loop: Some(lo),
         })
     }
+}
+
+/// The byte range GPT partitions may use: from the header's first usable LBA
+/// (but never before the protective MBR, the primary header and 16 KiB of
+/// entries) to its last usable LBA (but never into the backup GPT at the end
+/// of the disk). A crafted header cannot widen it past the disk's own bytes.
+fn usable_range(path: &Path, sector: u64, h: &gpt::header::Header) -> Result<std::ops::Range<u64>> {
+    let size = fs::File::open(path)
+        .and_then(|mut f| f.seek(SeekFrom::End(0)))
+        .with_context(|| format!("reading the size of {}", path.display()))?;
+    let table = sector * 2 + 16384;
+    let start = h.first_usable.saturating_mul(sector).max(table);
+    let end = h
+        .last_usable
+        .saturating_add(1)
+        .saturating_mul(sector)
+        .min(size.saturating_sub(table - sector));
+    Ok(start..end.max(start))
 }
 
 /// The logical sector size: from sysfs for block devices; for image files,
@@ -334,4 +411,116 @@ pub fn rdev(path: &Path) -> Result<u64> {
     Ok(fs::metadata(path)
         .with_context(|| format!("reading {}", path.display()))?
         .rdev())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A 64 MiB GPT image file with partitions boot, rootA, rootB, data (8
+    /// MiB each), after `edit` changed the entries (to overlap them, say).
+    fn image(
+        edit: impl FnOnce(&mut BTreeMap<u32, gpt::partition::Partition>),
+    ) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(64 * MIB).unwrap();
+        let mut g = gpt::GptConfig::new()
+            .writable(true)
+            .logical_block_size(LogicalBlockSize::Lb512)
+            .change_partition_count(true)
+            .create(f.path())
+            .unwrap();
+        for name in ["boot", "rootA", "rootB", "data"] {
+            g.add_partition(name, 8 * MIB, gpt::partition_types::LINUX_FS, 0, None)
+                .unwrap();
+        }
+        let mut parts = g.take_partitions();
+        edit(&mut parts);
+        g.update_partitions(parts).unwrap();
+        g.write().unwrap();
+        f
+    }
+
+    fn check(disk: &Disk, named: &[(&str, PartRef)]) -> Result<()> {
+        let named: Vec<(&str, &PartRef)> = named.iter().map(|(k, r)| (*k, r)).collect();
+        disk.check_distinct(&named)
+    }
+
+    fn label(l: &str) -> PartRef {
+        PartRef::Label(l.into())
+    }
+
+    #[test]
+    fn distinct_partitions_pass_and_aliases_are_refused() {
+        let f = image(|_| {});
+        let disk = Disk::open(f.path()).unwrap();
+        let good = [
+            ("slots.A", label("rootA")),
+            ("slots.B", label("rootB")),
+            ("boot.grub", label("boot")),
+        ];
+        check(&disk, &good).unwrap();
+
+        let uuid_of_a = PartRef::Uuid(disk.find(&label("rootA")).unwrap().partuuid.clone());
+        let cases = [
+            // One partition named by label and by GUID.
+            (
+                vec![("slots.A", label("rootA")), ("slots.B", uuid_of_a.clone())],
+                "are the same partition 2",
+            ),
+            // A slot that is the boot partition.
+            (
+                vec![
+                    ("slots.A", label("rootA")),
+                    ("slots.B", label("boot")),
+                    ("boot.grub", label("boot")),
+                ],
+                "slots.B (PARTLABEL=boot) and boot.grub",
+            ),
+            (
+                vec![("slots.A", uuid_of_a), ("slots.B", label("nope"))],
+                "no partition PARTLABEL=nope",
+            ),
+        ];
+        for (named, want) in cases {
+            let err = format!("{:#}", check(&disk, &named).unwrap_err());
+            assert!(err.contains(want), "{want:?} not in {err:?}");
+        }
+    }
+
+    /// The error for the usual slots on an image edited by `edit`.
+    fn slots_error(edit: impl FnOnce(&mut BTreeMap<u32, gpt::partition::Partition>)) -> String {
+        let f = image(edit);
+        let disk = Disk::open(f.path()).unwrap();
+        let slots = [("slots.A", label("rootA")), ("slots.B", label("rootB"))];
+        format!("{:#}", check(&disk, &slots).unwrap_err())
+    }
+
+    #[test]
+    fn overlapping_and_table_covering_partitions_are_refused() {
+        // rootB's entry stretched over the data partition.
+        let err = slots_error(|p| p.get_mut(&3).unwrap().last_lba += 4096);
+        assert!(err.contains("overlaps partition 4 (\"data\")"), "{err}");
+
+        // rootA starting at LBA 1: it covers the GPT header (the "slot is
+        // the disk itself" case).
+        let err = slots_error(|p| p.get_mut(&2).unwrap().first_lba = 1);
+        assert!(err.contains("outside the usable area"), "{err}");
+
+        // Two entries with one GUID: a PARTUUID names neither for sure.
+        let f = image(|p| {
+            let guid = p[&2].part_guid;
+            p.get_mut(&3).unwrap().part_guid = guid;
+        });
+        let disk = Disk::open(f.path()).unwrap();
+        let uuid = PartRef::Uuid(disk.partitions[1].partuuid.clone());
+        let err = format!(
+            "{:#}",
+            check(&disk, &[("slots.A", uuid), ("slots.B", label("data"))]).unwrap_err()
+        );
+        assert!(err.contains("2 partitions match"), "{err}");
+    }
 }

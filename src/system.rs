@@ -38,6 +38,7 @@ impl System {
     /// detection (for tests and special setups).
     pub fn open(cfg: SystemConfig, booted: Option<SlotName>) -> Result<System> {
         let disk = Disk::open(&cfg.disk)?;
+        disk.check_distinct(&cfg.named_partitions())?;
         let slot = |name: SlotName| -> Result<Slot> {
             let part = disk
                 .find(cfg.slot(name))
