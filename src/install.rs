@@ -346,9 +346,14 @@ fn check(
         .transpose()
         .context("reading the recorded version of the running slot")?;
     let version_note = match &current {
-        Some(cur) if m.version <= *cur && !opts.allow_downgrade => bail!(
-            "bundle version {} is not newer than the running version {cur}; pass --allow-downgrade to install it anyway",
-            m.version
+        Some(cur) if !is_newer(&m.version, cur) && !opts.allow_downgrade => bail!(
+            "bundle version {} is not newer than the running version {cur}{}; pass --allow-downgrade to install it anyway",
+            m.version,
+            if m.version.cmp_precedence(cur).is_eq() && m.version != *cur {
+                " (build metadata after '+' does not make a version newer)"
+            } else {
+                ""
+            }
         ),
         Some(cur) => format!("version {} (running {cur})", m.version),
         None => format!("version {} (running version unknown)", m.version),
@@ -380,6 +385,13 @@ fn check(
     ))
 }
 
+/// SemVer 2.0 precedence (§11): build metadata is ignored, so
+/// `1.0.0+build.9` is not newer than `1.0.0`. (`Version`'s `Ord` orders
+/// build metadata too, for sorting; it must not decide upgrades.)
+fn is_newer(new: &semver::Version, current: &semver::Version) -> bool {
+    new.cmp_precedence(current).is_gt()
+}
+
 /// Bytes of the slot a payload needs: a raw image its size; a tarball its
 /// files plus room for the filesystem's own structures (inode tables and
 /// journal, about 5% and a few MiB). `None` when the sum does not fit a
@@ -397,7 +409,7 @@ fn needed_bytes(p: &Payload, slot_size: u64) -> Option<u64> {
 
 fn mark_bad(sys: &mut System, target: SlotName, header: &BundleHeader) -> Result<Done<()>> {
     let was_ok = sys.boot.backend.state(target)?.ok;
-    sys.backend()
+    sys.backend()?
         .set_state(target, crate::boot::BootState::Bad)?;
     sys.store.update(target, |r| {
         *r = Some(slot_record(header, Content::Incomplete))
@@ -528,4 +540,26 @@ fn activate(sys: &mut System, target: SlotName) -> Result<Done<()>> {
 
 fn short(hex: &str) -> &str {
     &hex[..hex.len().min(12)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_policy_follows_semver_precedence() {
+        let v = |s: &str| semver::Version::parse(s).unwrap();
+        // Build metadata has no precedence, in either direction.
+        assert!(!is_newer(&v("1.0.0+build.9"), &v("1.0.0")));
+        assert!(!is_newer(&v("1.0.0"), &v("1.0.0+build.9")));
+        assert!(!is_newer(&v("1.0.0+b"), &v("1.0.0+a")));
+        // A pre-release comes before its release; numeric identifiers
+        // compare as numbers.
+        assert!(!is_newer(&v("1.0.0-rc.1"), &v("1.0.0")));
+        assert!(is_newer(&v("1.0.0"), &v("1.0.0-rc.1")));
+        assert!(is_newer(&v("1.0.0-rc.10"), &v("1.0.0-rc.9")));
+        assert!(is_newer(&v("1.0.0-rc.1"), &v("1.0.0-beta.11")));
+        assert!(is_newer(&v("1.10.0"), &v("1.9.99")));
+        assert!(is_newer(&v("1.0.1+a"), &v("1.0.0+z")));
+    }
 }
