@@ -87,7 +87,7 @@ pub fn mark_bad(sys: &mut System, slot: SlotName) -> Result<String> {
 /// `mark-active`: boot the slot next, with a fresh try counter.
 pub fn mark_active(sys: &mut System, slot: SlotName) -> Result<String> {
     refuse_incomplete(sys, slot)?;
-    sys.backend().set_primary(slot)?;
+    sys.backend()?.set_primary(slot)?;
     sys.store.update(slot, |r| {
         if let Some(r) = r {
             r.inactive = false;
@@ -102,7 +102,7 @@ pub fn mark_active(sys: &mut System, slot: SlotName) -> Result<String> {
 
 /// Sets the slot's state in the bootloader and whether its record is blessed.
 fn set_state(sys: &mut System, slot: SlotName, state: BootState) -> Result<()> {
-    sys.backend().set_state(slot, state)?;
+    sys.backend()?.set_state(slot, state)?;
     sys.store.update(slot, |r| {
         if let Some(r) = r {
             r.good = state == BootState::Good;
@@ -141,7 +141,7 @@ pub fn rollback(sys: &mut System) -> Result<String> {
             "slot {to} holds no good install (state {state}); rollback needs a good slot to return to"
         );
     }
-    sys.backend().set_primary(to)?;
+    sys.backend()?.set_primary(to)?;
     let staged = data::discard(sys, from, "rolled back from it")?;
     Ok(data::with_note(
         format!("slot {to} is now primary; reboot to start it"),

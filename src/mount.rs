@@ -202,6 +202,25 @@ impl TempMount {
         &self.dev
     }
 
+    /// Remounts a read-only mount read-write, for the first write through
+    /// it: until then the filesystem (superblock included) stays untouched.
+    pub fn remount_rw(&self) -> Result<()> {
+        nix::mount::mount(
+            None::<&str>,
+            self.path(),
+            None::<&str>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            None::<&str>,
+        )
+        .with_context(|| {
+            format!(
+                "remounting {} read-write at {}",
+                self.dev.display(),
+                self.path().display()
+            )
+        })
+    }
+
     /// Flushes the filesystem (`syncfs`), unmounts it and removes the mount
     /// point. Any failure is reported; if unmounting fails, Drop still
     /// detaches the mount lazily so that nothing stays mounted.

@@ -67,8 +67,10 @@ impl System {
         &self.slots[name as usize]
     }
 
-    pub fn backend(&mut self) -> &mut dyn BootBackend {
-        self.boot.backend.as_mut()
+    /// The boot backend, for a change (the boot partition is made
+    /// writable first). Reads go through `self.boot.backend`.
+    pub fn backend(&mut self) -> Result<&mut dyn BootBackend> {
+        self.boot.writable()
     }
 
     /// Resolves a slot argument: `booted`, `other`, `A` or `B`.

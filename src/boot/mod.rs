@@ -66,6 +66,22 @@ pub struct OpenBackend {
     pub device: Option<crate::disk::PartDevice>,
     /// The boot partition, for backends that keep files there.
     pub part: Option<crate::bootpart::BootPart>,
+    /// The mount was remounted read-write by [`OpenBackend::writable`].
+    read_write: bool,
+}
+
+impl OpenBackend {
+    /// The backend, for a change: the boot partition is mounted read-only
+    /// while abup only reads (status, checks, refusals leave it
+    /// byte-identical) and remounted read-write here, before the first write.
+    pub fn writable(&mut self) -> Result<&mut dyn BootBackend> {
+        if let Some(m) = self.mount.as_ref().filter(|_| !self.read_write) {
+            m.remount_rw()
+                .map_err(|e| e.context("grub backend: making the boot partition writable"))?;
+            self.read_write = true;
+        }
+        Ok(self.backend.as_mut())
+    }
 }
 
 /// Builds the configured backend. This is the only place that looks at
@@ -84,7 +100,7 @@ pub fn open(cfg: &BootConfig, tries: u32, disk: &Disk) -> Result<OpenBackend> {
                     if let Some(at) = disk.mount_point(info, &dev)? {
                         (at.join(path), None, Some(dev))
                     } else {
-                        let m = TempMount::ext4(&dev.path, crate::mount::Access::ReadWrite)
+                        let m = TempMount::ext4(&dev.path, crate::mount::Access::ReadOnly)
                             .map_err(|e| {
                                 e.context(format!(
                                     "grub backend: mounting boot partition {part} ({})",
@@ -99,6 +115,7 @@ pub fn open(cfg: &BootConfig, tries: u32, disk: &Disk) -> Result<OpenBackend> {
                 backend: Box::new(grub::GrubBackend::open(&path, tries)?),
                 mount,
                 device,
+                read_write: false,
                 part: None,
             })
         }
@@ -112,6 +129,7 @@ pub fn open(cfg: &BootConfig, tries: u32, disk: &Disk) -> Result<OpenBackend> {
                 mount: None,
                 device: None,
                 part,
+                read_write: false,
             })
         }
     }
