@@ -16,6 +16,8 @@ mod bad_input;
 mod crash;
 #[path = "it/format.rs"]
 mod format;
+#[path = "it/hostile.rs"]
+mod hostile;
 #[path = "it/install.rs"]
 mod install;
 #[path = "it/migrate.rs"]
