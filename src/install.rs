@@ -409,8 +409,12 @@ fn needed_bytes(p: &Payload, slot_size: u64) -> Option<u64> {
 
 fn mark_bad(sys: &mut System, target: SlotName, header: &BundleHeader) -> Result<Done<()>> {
     let was_ok = sys.boot.backend.state(target)?.ok;
-    sys.backend()?
-        .set_state(target, crate::boot::BootState::Bad)?;
+    // A slot the bootloader already won't boot needs no write (which would
+    // remount the boot partition read-write for nothing).
+    if was_ok {
+        sys.backend()?
+            .set_state(target, crate::boot::BootState::Bad)?;
+    }
     sys.store.update(target, |r| {
         *r = Some(slot_record(header, Content::Incomplete))
     })?;
