@@ -20,7 +20,7 @@ use crate::slot::SlotName;
 use crate::state::{self, Content, SlotRecord};
 use crate::system::{self, System};
 use crate::write::pipeline::ReadAhead;
-use crate::{bundle, migrate, write};
+use crate::{bundle, migrate, seal, write};
 use anyhow::{bail, Context, Result};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -180,6 +180,9 @@ fn transaction(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
             migrate::migrate_step(&sys, target, &manifest.version.to_string(), new_root)
         })?;
         rep.step("record", Write, || {
+            if payload.kind == PayloadKind::Tar {
+                seal::write(&sys.slot(target).dev.path, &header.bundle_sha256)?;
+            }
             record(&sys, target, &header, opts.no_activate)
         })?;
     } else {
@@ -368,19 +371,27 @@ fn check(
             slot.part.size
         );
     }
-    let already_installed = !opts.force
+    // The record alone is not trusted: the slot must show it, too.
+    let recorded = !opts.force
         && records.get(target).is_some_and(|r| {
             r.content == Content::Installed && r.bundle_sha256 == header.bundle_sha256
         });
+    let already_installed =
+        recorded && seal::holds(&slot.dev.path, m.rootfs(), &header.bundle_sha256)?;
     Ok(Done::unchanged(
         Plan {
             target,
             already_installed,
         },
         format!(
-            "compatible {:?}, {version_note}, target slot {target} ({}) free and large enough",
+            "compatible {:?}, {version_note}, target slot {target} ({}) free and large enough{}",
             m.compatible,
-            slot.dev.path.display()
+            slot.dev.path.display(),
+            if recorded && !already_installed {
+                "; its record names this bundle but the slot does not show it: writing it again"
+            } else {
+                ""
+            }
         ),
     ))
 }
@@ -518,7 +529,7 @@ fn record(
 fn activate(sys: &mut System, target: SlotName) -> Result<Done<()>> {
     let before = (sys.boot.backend.primary()?, sys.boot.backend.state(target)?);
     crate::signal::flip_begun();
-    if let Err(e) = sys.backend().set_primary(target) {
+    if let Err(e) = sys.backend()?.set_primary(target) {
         let now = sys.boot.backend.primary().ok().flatten();
         let flipped = e.downcast_ref::<crate::util::Replaced>().is_some()
             || (now == Some(target) && before.0 != Some(target));

@@ -33,6 +33,7 @@ pub mod mount;
 pub mod queue;
 pub mod report;
 pub mod runlog;
+pub mod seal;
 pub mod signal;
 pub mod slot;
 pub mod state;

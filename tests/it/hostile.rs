@@ -807,3 +807,86 @@ fn duplicate_entries_never_write_through_an_earlier_symlink() {
         run.failed(run.code, &["etc/passwd"]);
     }
 }
+
+// ---------------------------------------------------------------------------
+// State-directory trust (item 12): the "already installed" shortcut
+// ---------------------------------------------------------------------------
+
+/// Rewrites slot B's record to claim it holds `bundle`.
+fn forge_record_of_b(env: &Env, bundle: &Path) {
+    let records = env.state_dir.join("slots.json");
+    let mut v: Value = serde_json::from_slice(&fs::read(&records).unwrap()).unwrap();
+    v["B"]["bundle_sha256"] = bundle_info(bundle)["bundle_sha256"].clone();
+    v["B"]["version"] = bundle_info(bundle)["manifest"]["version"].clone();
+    fs::write(&records, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+}
+
+#[test]
+fn a_forged_record_does_not_skip_writing_a_tar_slot() {
+    let env = Env::new();
+    let v1 = env.simple_bundle("1.0.0");
+    let v2 = env.simple_bundle("2.0.0");
+    env.install_ok("A", &v1, &["--no-activate"]);
+
+    // The genuine record and the slot agree: the shortcut is taken.
+    let report = env.install_ok("A", &v1, &["--no-activate"]);
+    assert_eq!(step_state(&report, "write"), "unchanged", "{report:#}");
+
+    // Whoever can write the state dir claims B already holds 2.0.0.
+    forge_record_of_b(&env, &v2);
+    let report = env.install_ok("A", &v2, &["--no-activate"]);
+    assert_eq!(step_state(&report, "write"), "changed", "{report:#}");
+    assert!(
+        step_comment(&report, "check").contains("does not show it"),
+        "{report:#}"
+    );
+    let m = env.disk.mount("rootB", false);
+    let release = fs::read_to_string(m.path().join("etc/os-release")).unwrap();
+    assert!(release.contains("VERSION=2.0.0"), "{release}");
+    drop(m);
+
+    // A record rewritten from "incomplete" to "installed" after an
+    // interrupted install: the slot has no seal for it either.
+    let v3 = env.simple_bundle("3.0.0");
+    let records = env.state_dir.join("slots.json");
+    let mut v: Value = serde_json::from_slice(&fs::read(&records).unwrap()).unwrap();
+    v["B"]["bundle_sha256"] = bundle_info(&v3)["bundle_sha256"].clone();
+    v["B"]["content"] = "installed".into();
+    fs::write(&records, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    let report = env.install_ok("A", &v3, &["--no-activate"]);
+    assert_eq!(step_state(&report, "write"), "changed", "{report:#}");
+}
+
+#[test]
+fn a_raw_slot_is_compared_with_the_signed_hash_before_the_shortcut() {
+    let env = Env::builder().preserve(&[]).build();
+    let img = env.path("rootfs.ext4");
+    let tree = env.path("tree");
+    simple_rootfs(&tree, "1.0.0");
+    sh(std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&tree)
+        .arg(&img)
+        .arg("8M"));
+    let bundle = env.bundle(Source::Image(&img), "1.0.0", "zstd");
+    env.install_ok("A", &bundle, &["--no-activate"]);
+    let report = env.install_ok("A", &bundle, &["--no-activate"]);
+    assert_eq!(step_state(&report, "write"), "unchanged", "{report:#}");
+
+    // One byte of the slot changed behind abup's back (inside the image).
+    let b = env.disk.attach("rootB", false);
+    let mut f = fs::OpenOptions::new().write(true).open(b.path()).unwrap();
+    use std::io::{Seek, SeekFrom, Write};
+    f.seek(SeekFrom::Start(4 * MIB + 17)).unwrap();
+    f.write_all(b"!").unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    drop(b);
+    let report = env.install_ok("A", &bundle, &["--no-activate"]);
+    assert_eq!(step_state(&report, "write"), "changed", "{report:#}");
+    assert_eq!(
+        env.disk.sha256_prefix("rootB", 8 * MIB),
+        sha256_file(&img),
+        "the slot holds the image again"
+    );
+}
