@@ -116,15 +116,22 @@ impl SystemConfig {
     }
 
     /// Every partition of the disk the config names, with its key: the
-    /// slots and any boot partition. [`crate::disk::Disk::check_distinct`]
-    /// makes sure they are different partitions; add new ones here.
+    /// slots, any boot partition and the data partition.
+    /// [`crate::disk::Disk::check_distinct`] makes sure they are different
+    /// partitions; add new ones here.
     pub fn named_partitions(&self) -> Vec<(&'static str, &PartRef)> {
         let mut named = vec![("slots.A", &self.slot_a), ("slots.B", &self.slot_b)];
         match &self.boot {
             BootConfig::Grub {
                 env: GrubEnvLocation::Partition { part, .. },
             } => named.push(("boot.grub", part)),
-            BootConfig::Grub { .. } => {}
+            BootConfig::Uboot {
+                env: UbootEnvLocation::Partition { part, .. },
+            } => named.push(("boot.uboot", part)),
+            BootConfig::Grub { .. } | BootConfig::Uboot { .. } => {}
+        }
+        if let Some(data) = &self.data {
+            named.push(("data", data));
         }
         named
     }

@@ -149,7 +149,7 @@ fn one_partition_named_by_label_and_by_guid_is_refused() {
 }
 
 #[test]
-fn a_slot_that_is_the_boot_partition_is_refused() {
+fn a_slot_that_is_the_boot_or_data_partition_is_refused() {
     let (env, canary) = setup();
     let bundle = env.simple_bundle("1.0.0");
     let before = world(&env, &canary);
@@ -160,6 +160,19 @@ fn a_slot_that_is_the_boot_partition_is_refused() {
         let cfg = env.config_with(|c| c.slot_b = slot_b);
         let run = env.abup_with(&cfg, &["--booted-slot", "A", "install", s(&bundle)], None);
         run.failed(3, &["slots.B", "boot.grub", "same partition"]);
+    }
+    // The data partition, named in [data] by label or by GUID.
+    let data_guid = env.disk.part("data").partuuid.clone();
+    for data in [
+        "partlabel = \"data\"".to_string(),
+        format!("partuuid = \"{data_guid}\""),
+    ] {
+        let cfg = env.config_with(|c| {
+            c.slot_b = "partlabel = \"data\"".into();
+            c.extra = format!("[data]\n{data}\n");
+        });
+        let run = env.abup_with(&cfg, &["--booted-slot", "A", "install", s(&bundle)], None);
+        run.failed(3, &["slots.B", "data", "same partition"]);
     }
     assert_same_world(&env, &canary, &before);
 }
