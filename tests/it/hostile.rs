@@ -343,9 +343,10 @@ fn broken_state_files_are_refused_and_left_alone() {
         (b"\x00\xff\xfe garbage".to_vec(), &["slot records"]),
         (b"null".to_vec(), &["slot records"]),
         (br#"{"A": 5}"#.to_vec(), &["slot records"]),
+        // Written by a newer abup in a format this one cannot read.
         (
-            format!(r#"{{"A":{},"C":{}}}"#, record("1.0.0"), record("1.0.0")).into_bytes(),
-            &["slot records"],
+            format!(r#"{{"format":99,"A":{}}}"#, record("1.0.0")).into_bytes(),
+            &["slot records", "newer abup"],
         ),
         // A record the running version cannot be read from.
         (
