@@ -16,6 +16,8 @@ mod bad_input;
 mod crash;
 #[path = "it/format.rs"]
 mod format;
+#[path = "it/fuzz_replay.rs"]
+mod fuzz_replay;
 #[path = "it/hostile.rs"]
 mod hostile;
 #[path = "it/install.rs"]
