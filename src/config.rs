@@ -128,7 +128,7 @@ impl SystemConfig {
             BootConfig::Uboot {
                 env: UbootEnvLocation::Partition { part, .. },
             } => named.push(("boot.uboot", part)),
-            BootConfig::Grub { .. } | BootConfig::Uboot { .. } => {}
+            BootConfig::Grub { .. } | BootConfig::Uboot { .. } | BootConfig::Custom { .. } => {}
         }
         if let Some(data) = &self.data {
             named.push(("data", data));

@@ -148,6 +148,7 @@ fn open_custom(
         mount: None,
         device: None,
         part: None,
+        read_write: false,
     })
 }
 
