@@ -111,6 +111,9 @@ fn control_run(
     let cfg = SystemConfig::load(&cli.config)?;
     let state_dir = cfg.state_dir.clone();
     let _lock = RunLock::acquire(&cfg, verb)?;
+    for note in crate::leftovers::clean(&cfg.disk) {
+        crate::errln!("note: {note}");
+    }
     let mut sys = System::open(cfg, cli.booted_slot)?;
     let slot = sys.resolve(which)?;
     let mut rec = RunReport {

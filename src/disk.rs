@@ -216,6 +216,29 @@ impl Disk {
         Ok(None)
     }
 
+    /// Every block device through which bytes of this disk can be reached:
+    /// the disk and its kernel partitions, and loop devices (and their
+    /// partitions) over it or over what backs it.
+    pub fn alias_devices(&self) -> Vec<PathBuf> {
+        let Ok(disk) = fs::canonicalize(&self.path) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        if self.is_block {
+            out.push(disk.clone());
+            for p in &self.partitions {
+                if let Ok(Some(n)) = kernel_partition_node(&disk, p.number) {
+                    out.push(n);
+                }
+            }
+        }
+        for (backing, _) in backing_chain(&disk) {
+            let aliases = loop_aliases(&backing).unwrap_or_default();
+            out.extend(aliases.into_iter().map(|(node, _, _)| node));
+        }
+        out
+    }
+
     /// Makes `part` reachable as a block device: its kernel node if the
     /// kernel created one, else a loop device over its byte range.
     pub fn device(&self, part: &PartInfo) -> Result<PartDevice> {

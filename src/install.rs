@@ -93,11 +93,20 @@ fn transaction(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
     rep.report.version = Some(manifest.version.to_string());
     rep.report.bundle_sha256 = Some(header.bundle_sha256.clone());
     let mut sys = rep.step("inspect-system", Check, || {
+        // Before the disk is opened and long before "is the slot mounted?".
+        let cleaned = match opts.check_only {
+            true => Vec::new(),
+            false => crate::leftovers::clean(&cfg.disk),
+        };
         let sys = System::open(cfg, opts.booted)?;
         let booted = sys
             .booted
             .map_or("none (rescue system)".to_string(), |b| b.to_string());
-        Ok(Done::unchanged(sys, format!("booted slot: {booted}")))
+        let mut comment = format!("booted slot: {booted}");
+        for c in cleaned {
+            comment = format!("{comment}; {c}");
+        }
+        Ok(Done::unchanged(sys, comment))
     })?;
     rep.report.booted_slot = sys.booted.map(|b| b.to_string());
     for e in crate::history::detect(&sys) {

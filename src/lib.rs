@@ -27,6 +27,7 @@ pub mod events;
 pub mod failpoint;
 pub mod history;
 pub mod install;
+pub mod leftovers;
 pub mod lock;
 pub mod migrate;
 pub mod mount;

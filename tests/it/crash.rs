@@ -626,3 +626,119 @@ fn closed_stdout_is_not_a_crash() {
     assert_eq!(st["last_run"]["result"], "success", "{st:#}");
     assert_eq!(st["primary"], "B");
 }
+
+/// A loop device the test attached over the image by hand, as an older abup
+/// did (no autoclear). Dropping it detaches it only while it is still
+/// attached to this image: abup may have detached it, and the number may
+/// belong to someone else since.
+struct StrayLoop {
+    dev: PathBuf,
+    image: PathBuf,
+}
+
+impl StrayLoop {
+    fn attach(image: &Path, p: &Part) -> StrayLoop {
+        let out = sh(Command::new("losetup")
+            .args(["--find", "--show", "--offset", &p.start.to_string()])
+            .args(["--sizelimit", &p.size.to_string()])
+            .arg(image));
+        StrayLoop {
+            dev: PathBuf::from(out.trim()),
+            image: image.to_path_buf(),
+        }
+    }
+
+    fn attached(&self) -> bool {
+        let name = self.dev.file_name().unwrap().to_string_lossy().into_owned();
+        fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
+            .is_ok_and(|b| Path::new(b.trim()) == self.image)
+    }
+}
+
+impl Drop for StrayLoop {
+    fn drop(&mut self) {
+        if self.attached() {
+            let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+        }
+    }
+}
+
+/// A mount made by hand at `/tmp/abup-mount-*`, where older versions of
+/// abup mounted, in the system's namespace. Unmounted on drop if still there.
+struct StrayMount(PathBuf);
+
+impl StrayMount {
+    fn new(dev: &Path) -> StrayMount {
+        let dir = tempfile::Builder::new()
+            .prefix("abup-mount-")
+            .tempdir_in("/tmp")
+            .unwrap()
+            .keep();
+        sh(Command::new("mount")
+            .args(["-t", "ext4"])
+            .arg(dev)
+            .arg(&dir));
+        StrayMount(dir)
+    }
+
+    fn mounted(&self) -> bool {
+        fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some(s(&self.0)))
+    }
+}
+
+impl Drop for StrayMount {
+    fn drop(&mut self) {
+        if self.mounted() {
+            unmount(&self.0);
+        }
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn leftovers_of_an_older_run_are_cleaned_up_by_the_next_install() {
+    let env = Env::new();
+    let bundle = env.simple_bundle(VERSION);
+    env.install_ok("A", &bundle, &[]);
+    // What a killed older abup left: slot B and the boot partition mounted
+    // read-write under /tmp over loop devices of its own, and a loop device
+    // over slot A it no longer used.
+    let image = fs::canonicalize(&env.disk.image).unwrap();
+    let b = StrayLoop::attach(&image, env.disk.part("rootB"));
+    let boot = StrayLoop::attach(&image, env.disk.part("boot"));
+    let a = StrayLoop::attach(&image, env.disk.part("rootA"));
+    let mb = StrayMount::new(&b.dev);
+    let mboot = StrayMount::new(&boot.dev);
+    // Someone else's loop device over the data partition, in use: kept.
+    let data = StrayLoop::attach(&image, env.disk.part("data"));
+    let held = fs::File::open(&data.dev).unwrap();
+
+    let o = run_armed(&env.config, "", &crash_args(&bundle), None, None);
+    assert_eq!(o.code(), Some(0), "{o}");
+    let r = o.json();
+    assert_eq!(r["result"], "success", "{o}");
+    let comment = step_comment(&r, "inspect-system");
+    for m in [&mb, &mboot] {
+        assert!(!m.mounted(), "{} still mounted\n{o}", m.0.display());
+        assert!(!m.0.exists(), "{} not removed", m.0.display());
+        assert!(comment.contains(s(&m.0)), "{comment}");
+    }
+    for l in [&b, &boot, &a] {
+        assert!(!l.attached(), "{} still attached\n{o}", l.dev.display());
+        assert!(
+            comment.contains(&format!("detached {}", l.dev.display())),
+            "{comment}"
+        );
+    }
+    assert!(
+        data.attached(),
+        "a loop device in use was detached: {comment}"
+    );
+    assert!(!comment.contains(s(&data.dev)), "{comment}");
+    drop(held);
+    assert_eq!(version_in_b(&env).as_deref(), Some(VERSION));
+    assert_eq!(env.grubenv()["ORDER"], "B A");
+}
