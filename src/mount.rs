@@ -42,11 +42,6 @@ pub const RUNTIME_DIR: &str = "/run/abup";
 /// the system's mounts as they are now, not abup's.
 static HOST_MOUNTINFO: OnceLock<Mutex<File>> = OnceLock::new();
 
-/// The mount namespace abup was started in (`/proc/self/ns/mnt` opened
-/// before unsharing), for the few jobs that must act there: see
-/// [`crate::leftovers`].
-static HOST_NS: OnceLock<File> = OnceLock::new();
-
 /// Moves this process into a private mount namespace of its own (mounts made
 /// from now on are invisible elsewhere and vanish with the process), after
 /// keeping a view of the original namespace's mount table and removing
@@ -59,7 +54,6 @@ pub fn enter_private_namespace() -> Result<()> {
         return Ok(());
     }
     let host = File::open("/proc/self/mountinfo").context("opening /proc/self/mountinfo")?;
-    let ns = File::open("/proc/self/ns/mnt").context("opening /proc/self/ns/mnt")?;
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
         .context("creating a private mount namespace (unshare)")?;
     nix::mount::mount(
@@ -71,7 +65,6 @@ pub fn enter_private_namespace() -> Result<()> {
     )
     .context("making the mount namespace private")?;
     let _ = HOST_MOUNTINFO.set(Mutex::new(host));
-    let _ = HOST_NS.set(ns);
     remove_stale_mount_dirs();
     Ok(())
 }
@@ -93,11 +86,6 @@ pub fn host_mounts() -> Result<Vec<MountInfo>> {
         }
     };
     parse_mountinfo(&text).context("reading the mount table")
-}
-
-/// The mount namespace abup was started in, if it left it.
-pub fn host_namespace() -> Option<&'static File> {
-    HOST_NS.get()
 }
 
 /// This process's directory for mount points: `RUNTIME_DIR/mnt-<pid>`.
@@ -126,8 +114,7 @@ fn remove_stale_mount_dirs() {
         };
         // Any live process keeps its directory: test binaries and library
         // users mount through here too, under another name than `abup`.
-        let alive = Path::new(&format!("/proc/{pid}")).exists();
-        if alive {
+        if pid_alive(pid) {
             continue;
         }
         for sub in fs::read_dir(e.path()).into_iter().flatten().flatten() {
@@ -137,6 +124,13 @@ fn remove_stale_mount_dirs() {
         }
         let _ = fs::remove_dir(e.path());
     }
+}
+
+/// Whether process `pid` exists. Any process counts, not only one named
+/// `abup`: programs linking the library (its unit tests) mount there too,
+/// and a reused pid only delays the clean-up of a dead run's directory.
+pub fn pid_alive(pid: u32) -> bool {
+    pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// Whether a [`TempMount`] may be written to.
