@@ -197,8 +197,35 @@ impl Disk {
         if let Some(m) = crate::mount::mount_point_of(&dev.path)? {
             return Ok(Some(m));
         }
+        for node in self.overlapping_loops(part)? {
+            if let Some(m) = crate::mount::mount_point_of(&node)? {
+                return Ok(Some(m));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether the filesystem holding `path` (or its nearest existing
+    /// ancestor) lives on `part`: its device is the partition's kernel node
+    /// or a loop device over an overlapping byte range of this disk.
+    pub fn holds(&self, part: &PartInfo, path: &Path) -> Result<bool> {
+        let existing = path.ancestors().find(|p| p.exists()).unwrap_or(path);
+        let st_dev = fs::metadata(existing)
+            .with_context(|| format!("reading {}", existing.display()))?
+            .dev();
+        let mut devs = self.overlapping_loops(part)?;
+        if self.is_block {
+            devs.extend(kernel_partition_node(&self.path, part.number)?);
+        }
+        Ok(devs.iter().any(|d| rdev(d).is_ok_and(|r| r == st_dev)))
+    }
+
+    /// Loop devices (and their partitions) over an overlapping byte range
+    /// of `part`, through the disk or whatever backs it.
+    fn overlapping_loops(&self, part: &PartInfo) -> Result<Vec<PathBuf>> {
         let disk = fs::canonicalize(&self.path)
             .with_context(|| format!("resolving {}", self.path.display()))?;
+        let mut out = Vec::new();
         // The same bytes can be reached through the disk itself and through
         // whatever backs it, when the disk is a loop device (over a file or
         // another loop device): check loops over each, shifted by its offset.
@@ -207,13 +234,11 @@ impl Disk {
             for (node, start, len) in loop_aliases(&backing)? {
                 let end = if len == 0 { u64::MAX } else { start + len };
                 if start < range.1 && range.0 < end {
-                    if let Some(m) = crate::mount::mount_point_of(&node)? {
-                        return Ok(Some(m));
-                    }
+                    out.push(node);
                 }
             }
         }
-        Ok(None)
+        Ok(out)
     }
 
     /// Every block device through which bytes of this disk can be reached:

@@ -69,6 +69,7 @@ fn transaction(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
     let (cfg, _lock) = rep.step("load-config", Check, || {
         system::require_root("abup install")?;
         let cfg = SystemConfig::load(cfg_path)?;
+        state::refuse_on_slot(&cfg)?;
         if opts.check_only {
             return Ok(Done::unchanged(
                 (cfg, None),

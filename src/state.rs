@@ -166,6 +166,29 @@ pub fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Refuses a `state_dir` on slot A or B (the default `/var/lib/abup` is on
+/// the running root): after a fallback the other slot's abup would read its
+/// own, stale records. The state directory (or its nearest existing parent)
+/// must live on a partition both slots mount. A disk that cannot be read is
+/// left for the install's own checks to report.
+pub fn refuse_on_slot(cfg: &crate::config::SystemConfig) -> Result<()> {
+    let Ok(disk) = crate::disk::Disk::open(&cfg.disk) else {
+        return Ok(());
+    };
+    for name in [SlotName::A, SlotName::B] {
+        let Ok(part) = disk.find(cfg.slot(name)) else {
+            continue;
+        };
+        if disk.holds(part, &cfg.state_dir)? {
+            bail!(
+                "state_dir {} is on slot {name}, so after a fallback the other slot would read stale records; set state_dir in the config to a directory on a partition both slots mount (the data or boot partition)",
+                cfg.state_dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
