@@ -742,3 +742,110 @@ fn leftovers_of_an_older_run_are_cleaned_up_by_the_next_install() {
     assert_eq!(version_in_b(&env).as_deref(), Some(VERSION));
     assert_eq!(env.grubenv()["ORDER"], "B A");
 }
+
+/// External commands die with abup (`PR_SET_PDEATHSIG`): a `mkfs.ext4`
+/// still running when abup is SIGKILLed must not go on writing to the slot
+/// the next run formats again. The `mkfs.ext4` found first on PATH here
+/// records its pid and then waits, so that abup is killed while it runs.
+#[test]
+fn a_child_command_dies_with_a_killed_abup() {
+    let env = Env::new();
+    let bundle = env.simple_bundle(VERSION);
+    let bin = env.path("bin");
+    fs::create_dir_all(&bin).unwrap();
+    let pidfile = env.path("mkfs.pid");
+    write(
+        &bin,
+        "mkfs.ext4",
+        &format!(
+            "#!/bin/sh\necho $$ > {}.tmp\nmv {0}.tmp {0}\nexec sleep 600\n",
+            s(&pidfile)
+        ),
+        0o755,
+    );
+    let path = format!("{}:{}", s(&bin), std::env::var("PATH").unwrap_or_default());
+    let mut child = Command::new(abup_bin())
+        .arg("--config")
+        .arg(&env.config)
+        .args(crash_args(&bundle))
+        .env("PATH", path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !pidfile.exists() {
+        assert!(std::time::Instant::now() < deadline, "mkfs.ext4 never ran");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let mkfs: i32 = fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let cmdline = |pid: i32| fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    // The wrapper has become `sleep 600`, a child of abup.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !cmdline(mkfs).starts_with(b"sleep\0") {
+        assert!(std::time::Instant::now() < deadline, "no sleep at {mkfs}");
+        thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    assert_eq!(child.wait().unwrap().signal(), Some(9));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stat = fs::read_to_string(format!("/proc/{mkfs}/stat")).unwrap_or_default();
+        // Gone, or dead and not yet reaped by init.
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next());
+        if stat.is_empty() || matches!(state, Some("Z" | "X")) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child command outlived the killed abup: {stat}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    // And the next install needs nobody.
+    let slot_a = env.disk.sha256_of_partition("rootA");
+    env.install_ok("A", &bundle, &["--force"]);
+    assert_eq!(env.disk.sha256_of_partition("rootA"), slot_a);
+    assert_eq!(version_in_b(&env).as_deref(), Some(VERSION));
+}
+
+/// The slot records must survive a fallback, so they may not live on a
+/// slot: a `state_dir` on slot A (the booted root here) is refused before
+/// anything is written, and the message says where to put it.
+#[test]
+fn a_state_dir_on_a_slot_is_refused() {
+    let env = Env::new();
+    let bundle = env.simple_bundle(VERSION);
+    let before = env.snapshot();
+    let on_a = env.disk.mount("rootA", false);
+    let state = on_a.path().join("var/lib/abup");
+    let text = fs::read_to_string(&env.config)
+        .unwrap()
+        .replace(s(&env.state_dir), s(&state));
+    assert!(text.contains(s(&state)));
+    let config = env.path("on-slot.toml");
+    fs::write(&config, text).unwrap();
+    let run = env.abup_with(
+        &config,
+        &["--booted-slot", "A", "install", s(&bundle)],
+        None,
+    );
+    run.failed(
+        3,
+        &[
+            &format!("state_dir {} is on slot A", state.display()),
+            "both slots mount",
+        ],
+    );
+    drop(on_a);
+    env.assert_untouched(&before);
+    // The same directory elsewhere is fine.
+    env.install_ok("A", &bundle, &[]);
+}
