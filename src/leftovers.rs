@@ -94,9 +94,7 @@ fn is_leftover_dir(dir: &Path) -> bool {
     else {
         return false;
     };
-    let alive = pid == std::process::id()
-        || fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "abup");
-    !alive
+    !mount::pid_alive(pid)
 }
 
 /// Unmounts `m` in the namespace abup was started in and in its own, and
