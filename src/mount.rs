@@ -42,6 +42,11 @@ pub const RUNTIME_DIR: &str = "/run/abup";
 /// the system's mounts as they are now, not abup's.
 static HOST_MOUNTINFO: OnceLock<Mutex<File>> = OnceLock::new();
 
+/// The mount namespace abup was started in (`/proc/self/ns/mnt` opened
+/// before unsharing), for the few jobs that must act there: see
+/// [`crate::leftovers`].
+static HOST_NS: OnceLock<File> = OnceLock::new();
+
 /// Moves this process into a private mount namespace of its own (mounts made
 /// from now on are invisible elsewhere and vanish with the process), after
 /// keeping a view of the original namespace's mount table and removing
@@ -54,6 +59,7 @@ pub fn enter_private_namespace() -> Result<()> {
         return Ok(());
     }
     let host = File::open("/proc/self/mountinfo").context("opening /proc/self/mountinfo")?;
+    let ns = File::open("/proc/self/ns/mnt").context("opening /proc/self/ns/mnt")?;
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
         .context("creating a private mount namespace (unshare)")?;
     nix::mount::mount(
@@ -65,6 +71,7 @@ pub fn enter_private_namespace() -> Result<()> {
     )
     .context("making the mount namespace private")?;
     let _ = HOST_MOUNTINFO.set(Mutex::new(host));
+    let _ = HOST_NS.set(ns);
     remove_stale_mount_dirs();
     Ok(())
 }
@@ -86,6 +93,11 @@ pub fn host_mounts() -> Result<Vec<MountInfo>> {
         }
     };
     parse_mountinfo(&text).context("reading the mount table")
+}
+
+/// The mount namespace abup was started in, if it left it.
+pub fn host_namespace() -> Option<&'static File> {
+    HOST_NS.get()
 }
 
 /// This process's directory for mount points: `RUNTIME_DIR/mnt-<pid>`.
