@@ -441,14 +441,26 @@ fn bundle_create(cli: &Cli, a: &cli::CreateArgs) -> Result<i32> {
         zstd_level: bundle::create::DEFAULT_ZSTD_LEVEL,
         progress: Some(events.progress("pack", None)),
     };
-    let m = bundle::create::create(&opts, &a.output)
-        .with_context(|| format!("creating bundle {}", a.output.display()))?;
+    let result = bundle::create::create(&opts, &a.output)
+        .with_context(|| format!("creating bundle {}", a.output.display()));
+    let (state, comment) = match &result {
+        Ok(m) => (
+            StepState::Changed,
+            format!(
+                "{} bytes packed into {}",
+                m.rootfs().size,
+                a.output.display()
+            ),
+        ),
+        Err(e) => (StepState::Failed, format!("{e:#}")),
+    };
     events.emit(&crate::events::Event::StepFinished {
         step: "pack",
-        state: StepState::Changed,
-        comment: &format!("wrote {}", a.output.display()),
+        state,
+        comment: &comment,
         duration_ms: start.elapsed().as_millis() as u64,
     });
+    let m = result?;
     if cli.json {
         crate::outln!("{}", serde_json::to_string(&m)?);
     } else {

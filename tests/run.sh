@@ -50,4 +50,6 @@ if ! ls "$cache"/linux-image-*-cloud-arm64-unsigned_*_arm64.deb >/dev/null 2>&1 
     kpkg=$(apt-cache depends linux-image-cloud-arm64:arm64 | awk '/Depends: linux-image-/{print $2; exit}')
     (cd "$cache" && apt-get download -qq "${kpkg%%:*}-unsigned:arm64" busybox-static:arm64)
 fi
+. fixtures/rust-toolchain.sh
+ensure_rust
 cargo test --all-targets

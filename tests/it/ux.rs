@@ -80,6 +80,28 @@ fn corrupted(env: &Env, bundle: &Path) -> std::path::PathBuf {
     bad
 }
 
+/// Field `key` of every object in the JSON array `v`.
+fn field<'a>(v: &'a Value, key: &str) -> Vec<&'a str> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e[key].as_str().unwrap())
+        .collect()
+}
+
+/// A signed bundle for another device type: refused at check.
+fn other_board_bundle(env: &Env) -> std::path::PathBuf {
+    let dir = env.path("rootfs");
+    simple_rootfs(&dir, "2.0.0");
+    env.bundle_opts(
+        Source::Rootfs(&dir),
+        "2.0.0",
+        "zstd",
+        Some(&env.secret.clone()),
+        "another-board",
+    )
+}
+
 fn event_names(lines: &[Value]) -> Vec<String> {
     lines
         .iter()
@@ -128,13 +150,7 @@ fn json_stream_on_success_is_ordered_and_complete() {
     let updated = pos(&|l| l["name"] == "updated");
     assert!(pending < mark_bad && activated < updated, "{run}");
     // The report keeps them too.
-    let names: Vec<&str> = report["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["pending", "updated"]);
+    assert_eq!(field(&report["events"], "name"), ["pending", "updated"]);
     // Human step lines went to stderr.
     assert!(run.stderr.contains("==> write"), "{run}");
 }
@@ -143,15 +159,7 @@ fn json_stream_on_success_is_ordered_and_complete() {
 fn json_stream_is_complete_on_each_kind_of_failure() {
     let env = Env::new();
     // Refused at check: nothing pending, nothing written.
-    let dir = env.path("rootfs");
-    simple_rootfs(&dir, "2.0.0");
-    let other = env.bundle_opts(
-        Source::Rootfs(&dir),
-        "2.0.0",
-        "zstd",
-        Some(&env.secret.clone()),
-        "another-board",
-    );
+    let other = other_board_bundle(&env);
     let before = env.snapshot();
     let run = env.abup(&["--json", "--booted-slot", "A", "install", s(&other)]);
     assert_eq!(run.code, 3, "{run}");
@@ -216,13 +224,7 @@ fn history_and_events_across_a_slot_switch() {
     let run = env.abup(&["--json", "history"]);
     run.ok();
     let runs = run.json();
-    let cmds: Vec<&str> = runs
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["command"].as_str().unwrap())
-        .collect();
-    assert_eq!(cmds, ["install", "mark-good", "install"]);
+    assert_eq!(field(&runs, "command"), ["install", "mark-good", "install"]);
     assert_eq!(runs[0]["booted_slot"], "A");
     assert_eq!(runs[1]["booted_slot"], "B");
     assert_eq!(runs[2]["target_slot"], "A");
@@ -237,14 +239,8 @@ fn history_and_events_across_a_slot_switch() {
     let ev = env.abup(&["--json", "events"]);
     ev.ok();
     let ev = ev.json();
-    let names: Vec<&str> = ev
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["name"].as_str().unwrap())
-        .collect();
     assert_eq!(
-        names,
+        field(&ev, "name"),
         [
             "pending",
             "updated",
@@ -282,23 +278,18 @@ fn a_fallback_is_detected_on_the_next_run() {
     // Back on A, the mark-good unit runs.
     env.abup(&["--booted-slot", "A", "mark-good"]).ok();
     let ev = env.abup(&["--json", "events"]).json();
-    let last2: Vec<&str> = ev.as_array().unwrap()[2..]
-        .iter()
-        .map(|e| e["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(last2, ["fell-back", "marked-good"], "{ev:#}");
+    assert_eq!(
+        field(&ev, "name")[2..],
+        ["fell-back", "marked-good"],
+        "{ev:#}"
+    );
     assert_eq!(ev[2]["slot"], "B");
     assert_eq!(ev[2]["version"], "2.0.0");
     // Only once.
     env.abup(&["--booted-slot", "A", "mark-good"]).ok();
     let ev = env.abup(&["--json", "events"]).json();
-    let falls = ev
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["name"] == "fell-back")
-        .count();
-    assert_eq!(falls, 1);
+    let names = field(&ev, "name");
+    assert_eq!(names.iter().filter(|n| **n == "fell-back").count(), 1);
 }
 
 #[test]
@@ -407,15 +398,7 @@ fn documented_exit_codes() {
         assert_eq!(run.code, 2, "{args:?}:\n{run}");
     }
     // 3: refused before anything was written.
-    let dir = env.path("rootfs");
-    simple_rootfs(&dir, "2.0.0");
-    let other = env.bundle_opts(
-        Source::Rootfs(&dir),
-        "2.0.0",
-        "zstd",
-        Some(&env.secret.clone()),
-        "another-board",
-    );
+    let other = other_board_bundle(&env);
     assert_eq!(
         env.abup(&["--booted-slot", "A", "install", s(&other)]).code,
         3
