@@ -414,6 +414,10 @@ impl Sink for BarSink {
                 step, done, total, ..
             } => {
                 let bar = self.bar.get_or_insert_with(|| new_bar(step, *total));
+                // An estimated total (a directory's size) may be passed.
+                if bar.length().is_some_and(|l| *done > l) {
+                    bar.set_length(*done);
+                }
                 bar.set_position(*done);
             }
             Event::StepFinished { .. } | Event::Report(_) => {
