@@ -133,6 +133,7 @@ impl Events {
         if json {
             events.add(Box::new(JsonSink { last: None }));
         }
+        events.add(Box::new(LockSink { last: None }));
         events
     }
 
@@ -371,7 +372,7 @@ impl Sink for TextSink {
                         self.last_line = Some(now);
                         self.line(&format!(
                             "    {}",
-                            progress_text(*done, *total, *bytes_per_sec, *eta_s)
+                            progress_text(*done, *total, Some((*bytes_per_sec, *eta_s)))
                         ));
                     }
                     Some(_) => {}
@@ -388,15 +389,21 @@ impl Sink for TextSink {
 }
 
 /// `120.0 MiB of 390.0 MiB (30%), 45.1 MiB/s, 6 s left`.
-pub fn progress_text(done: u64, total: Option<u64>, rate: u64, eta: Option<u64>) -> String {
+pub fn progress_text(
+    done: u64,
+    total: Option<u64>,
+    rate_eta: Option<(u64, Option<u64>)>,
+) -> String {
     let mut s = human_bytes(done);
     if let Some(t) = total {
         let pct = (done as f64 * 100.0 / t.max(1) as f64).min(100.0);
         s += &format!(" of {} ({pct:.0}%)", human_bytes(t));
     }
-    s += &format!(", {}/s", human_bytes(rate));
-    if let Some(e) = eta {
-        s += &format!(", {e} s left");
+    if let Some((rate, eta)) = rate_eta {
+        s += &format!(", {}/s", human_bytes(rate));
+        if let Some(e) = eta {
+            s += &format!(", {e} s left");
+        }
     }
     s
 }
@@ -480,6 +487,29 @@ impl Sink for JsonSink {
     }
 }
 
+/// Keeps the byte progress in the run lock's info, for `status` (at most
+/// once a second; the lock file lives on a tmpfs).
+struct LockSink {
+    last: Option<Instant>,
+}
+
+impl Sink for LockSink {
+    fn emit(&mut self, event: &Event) {
+        if let Event::Progress { done, total, .. } = event {
+            let now = Instant::now();
+            let last_of_step = total.is_some_and(|t| *done >= t);
+            if last_of_step
+                || self
+                    .last
+                    .is_none_or(|l| now.duration_since(l) >= Duration::from_secs(1))
+            {
+                self.last = Some(now);
+                crate::lock::note_progress(*done, *total);
+            }
+        }
+    }
+}
+
 /// Collects events in memory (tests, and callers that want them back).
 #[derive(Clone, Default)]
 pub struct Recorder {
@@ -530,7 +560,7 @@ mod tests {
     #[test]
     fn progress_text_reads_well() {
         assert_eq!(
-            progress_text(3 << 20, Some(4 << 20), 1 << 20, Some(1)),
+            progress_text(3 << 20, Some(4 << 20), Some((1 << 20, Some(1)))),
             "3.0 MiB of 4.0 MiB (75%), 1.0 MiB/s, 1 s left"
         );
         assert_eq!(human_bytes(512), "512 B");

@@ -35,16 +35,30 @@ pub struct RunInfo {
     pub step: String,
     /// Unix seconds when the run took the lock.
     pub since: u64,
+    /// Bytes done (and the total, when known) of the current long step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<StepProgress>,
+}
+
+/// Byte progress of the step in [`RunInfo`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepProgress {
+    pub done: u64,
+    pub total: Option<u64>,
 }
 
 impl fmt::Display for RunInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "pid {}, {}, step {}, since {}",
+            "pid {}, {}, step {}{}, since {}",
             self.pid,
             self.verb,
             self.step,
+            self.progress.as_ref().map_or(String::new(), |p| format!(
+                " ({})",
+                crate::events::progress_text(p.done, p.total, None)
+            )),
             crate::runlog::utc(self.since)
         )
     }
@@ -100,6 +114,7 @@ impl RunLock {
             verb: verb.to_string(),
             step: "start".to_string(),
             since: crate::state::now(),
+            progress: None,
         };
         write_info(&mut disk, &info).with_context(|| format!("writing {}", path.display()))?;
         if let Ok(f) = disk.try_clone() {
@@ -161,9 +176,20 @@ pub fn note_step(step: &str) {
     let mut cur = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((f, info)) = cur.as_mut() {
         info.step = step.to_string();
+        info.progress = None;
         let _ = write_info(f, info);
     }
     crate::runlog::note_step(step);
+}
+
+/// Notes the byte progress of the current step, for `status`. Does nothing
+/// when no lock is held.
+pub fn note_progress(done: u64, total: Option<u64>) {
+    let mut cur = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((f, info)) = cur.as_mut() {
+        info.progress = Some(StepProgress { done, total });
+        let _ = write_info(f, info);
+    }
 }
 
 /// The lock file for the disk at `disk`: one per block device, or per
@@ -221,6 +247,7 @@ pub fn running(disk: &Path) -> Option<RunInfo> {
         verb: "unknown".into(),
         step: "unknown".into(),
         since: 0,
+        progress: None,
     });
     info.pid = holder;
     Some(info)

@@ -590,10 +590,14 @@ fn status_without_root_shows_what_it_can_and_says_what_needs_root() {
 
 #[test]
 fn status_shows_the_run_in_progress() {
-    let env = Env::new();
-    let bundle = env.simple_bundle("2.0.0");
-    // A slow reader: abup blocks reading the bundle from stdin while it
-    // holds the lock, mid-install.
+    // The grubenv in a plain file: status opens no second mount of the boot
+    // partition beside the running install's.
+    let env = Env::builder().grub(GrubLoc::File).build();
+    let bundle = image_bundle(&env, "2.0.0", "none");
+    let bytes = fs::read(&bundle).unwrap();
+    let range = payload_range(&bundle);
+    // A slow sender: abup gets the header and 3 MiB of the 8 MiB payload,
+    // then waits for more in the middle of the write.
     let mut child = Command::new(abup_bin())
         .args([
             "--config",
@@ -608,22 +612,54 @@ fn status_shows_the_run_in_progress() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut stdin = child.stdin.take().unwrap();
+    let cut = (range.start + 3 * MIB) as usize;
+    {
+        use std::io::Write;
+        stdin.write_all(&bytes[..cut]).unwrap();
+        stdin.flush().unwrap();
+    }
+    // Not env.abup: the running install's own loop devices are attached.
+    let status = |json: bool| {
+        let mut args = vec!["--config", s(&env.config), "--booted-slot", "A", "status"];
+        if json {
+            args.insert(0, "--json");
+        }
+        run_abup(
+            &args.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            None,
+        )
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let st = loop {
-        let st = env.status(Some("A"));
-        if !st["run_in_progress"].is_null() || std::time::Instant::now() > deadline {
+        let st = status(true).json();
+        let r = &st["run_in_progress"];
+        if (r["step"] == "write" && r["progress"]["done"].as_u64() > Some(0))
+            || std::time::Instant::now() > deadline
+        {
             break st;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
-    assert_eq!(st["run_in_progress"]["pid"], child.id(), "{st:#}");
-    assert_eq!(st["run_in_progress"]["verb"], "install", "{st:#}");
-    // Feed it the bundle; it finishes, and status says so.
+    let r = &st["run_in_progress"];
+    assert_eq!(r["pid"], child.id(), "{st:#}");
+    assert_eq!(r["verb"], "install", "{st:#}");
+    assert_eq!(r["step"], "write", "{st:#}");
+    assert_eq!(r["progress"]["total"], 8 * MIB, "{st:#}");
+    let done = r["progress"]["done"].as_u64().unwrap();
+    assert!(done > 0 && done <= 3 * MIB, "{st:#}");
+    assert!(r["since"].as_u64() > Some(0));
+    let text = status(false);
+    assert!(
+        text.stdout.contains("running:    pid") && text.stdout.contains("step write ("),
+        "{text}"
+    );
+    // Send the rest; it finishes, and status says so.
     {
         use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(&fs::read(&bundle).unwrap()).unwrap();
+        stdin.write_all(&bytes[cut..]).unwrap();
     }
+    drop(stdin);
     assert!(child.wait().unwrap().success());
     let st = env.status(Some("A"));
     assert!(st["run_in_progress"].is_null(), "{st:#}");
