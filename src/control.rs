@@ -46,6 +46,12 @@ pub fn format_status(st: &Status) -> String {
         if let Some(t) = s.tries_left {
             out += &format!("  tries left: {t}\n");
         }
+        if let Some(why) = &s.unfindable {
+            out += &format!("  not bootable: {why}\n");
+        }
+    }
+    for w in &st.warnings {
+        out += &format!("warning: {w}\n");
     }
     if let Some(r) = &st.running {
         out += &format!("run in progress: {r}\n");

@@ -189,6 +189,7 @@ fn transaction(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
         rep.step("migrate", Write, || {
             migrate::migrate_step(&sys, target, &manifest.version.to_string(), new_root)
         })?;
+        rep.step("boot-files", Write, || boot_files(&sys, target))?;
         rep.step("record", Write, || {
             if payload.kind == PayloadKind::Tar {
                 seal::write(&sys.slot(target).dev.path, &header.bundle_sha256)?;
@@ -202,10 +203,12 @@ fn transaction(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
             manifest.version
         );
         for step in [
-            "mark-bad", "write", "verify", "preserve", "migrate", "record",
+            "mark-bad", "write", "verify", "preserve", "migrate",
         ] {
             rep.skip(step, &why);
         }
+        rep.step("boot-files", Write, || boot_files(&sys, target))?;
+        rep.skip("record", &why);
     }
 
     if opts.no_activate {
@@ -344,6 +347,9 @@ fn check(
             at.display()
         );
     }
+    // Every boot variable is valid before anything is written (a block
+    // abup could not write back is refused here, not at mark-bad).
+    sys.boot.backend.state(target)?;
     let records = sys.records()?;
     // The version policy compares against the running system, or in a
     // rescue system against the slot the bootloader would start.
@@ -487,15 +493,18 @@ fn write_payload(
     ))
 }
 
-/// The ext4 label of a freshly formatted slot: its GPT label when that fits
-/// ext4's 16 bytes, else `root-A` / `root-B`.
-fn fs_label(sys: &System, target: SlotName) -> String {
-    let label = &sys.slot(target).part.label;
-    if !label.is_empty() && label.len() <= 16 {
-        label.clone()
-    } else {
-        format!("root-{target}")
-    }
+/// The ext4 label of a freshly formatted slot: `abup-A` / `abup-B`, what
+/// the shipped grub.cfg searches for.
+fn fs_label(_sys: &System, target: SlotName) -> String {
+    crate::boot::grubslot::fs_label(target)
+}
+
+/// Makes the written slot findable by the bootloader's shipped config and
+/// checks it holds what that config boots (the last check before the flip).
+fn boot_files(sys: &System, target: SlotName) -> Result<Done<()>> {
+    let dev = &sys.slot(target).dev.path;
+    let comment = sys.boot.backend.prepare_slot(target, dev)?;
+    Ok(Done::changed((), comment))
 }
 
 /// The record of a slot holding (or being written with) `header`'s bundle.

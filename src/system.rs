@@ -52,7 +52,7 @@ impl System {
             Some(b) => Some(b),
             None => detect_booted(&slots)?,
         };
-        let boot = boot::open(&cfg.boot, cfg.boot_tries, &disk)?;
+        let boot = boot::open(&cfg.boot, cfg.boot_tries, &disk, booted)?;
         Ok(System {
             store: StateStore::new(&cfg.state_dir),
             cfg,
@@ -90,16 +90,33 @@ impl System {
         }
     }
 
-    /// The combined status of both slots.
+    /// The combined status of both slots, with what the bootloader will
+    /// actually start next (slots it cannot find are skipped, as it skips
+    /// them) and any mismatch worth a person's attention.
     pub fn status(&self) -> Result<Status> {
         let records = self.store.load()?;
         let backend = self.boot.backend.as_ref();
         let mut slots = BTreeMap::new();
+        let mut unfindable = [None, None];
+        for s in &self.slots {
+            let mounted = self.disk.mount_point(&s.part, &s.dev).ok().flatten();
+            unfindable[s.name as usize] =
+                backend.unfindable(s.name, &s.dev.path, mounted.as_deref());
+        }
+        let next = backend.next_boot(&|s| unfindable[s as usize].is_none())?;
+        let mut warnings = Vec::new();
         for s in &self.slots {
             let info = backend.state(s.name)?;
             let rec = records.get(s.name);
             // An interrupted install left nothing usable: no version to show.
             let complete = rec.filter(|r| r.content == Content::Installed);
+            let why = unfindable[s.name as usize].clone();
+            if let (true, Some(why)) = (info.ok, &why) {
+                warnings.push(format!(
+                    "slot {} is marked bootable but the bootloader skips it: {why}",
+                    s.name
+                ));
+            }
             slots.insert(
                 s.name.to_string(),
                 SlotStatus {
@@ -117,18 +134,36 @@ impl System {
                     bootable: info.ok,
                     // The bootloader makes no attempt on a slot it won't boot.
                     tries_left: if info.ok { info.tries_left } else { Some(0) },
+                    unfindable: why,
                 },
             );
+        }
+        match (self.booted, next) {
+            (_, None) => warnings.push(
+                "the bootloader has no slot it can boot: it will wait in its menu; \
+                 run `abup mark-active A` or `abup mark-active B` for a slot that works"
+                    .to_string(),
+            ),
+            (Some(b), Some(n)) if b != n => {
+                let trying = slots.get(n.as_str()).is_some_and(|st| st.state == "trying");
+                warnings.push(if trying {
+                    format!("slot {n} is activated and starts on the next boot (booted: {b})")
+                } else {
+                    format!("the bootloader will start slot {n} next, not the booted slot {b}")
+                });
+            }
+            _ => {}
         }
         Ok(Status {
             compatible: self.cfg.compatible.clone(),
             booted: self.booted,
-            primary: backend.primary()?,
+            primary: next,
             backend: backend.name().to_string(),
             slots,
             running: crate::lock::running(&self.cfg.disk),
             last_run: crate::runlog::load(&self.cfg.state_dir),
             pending_data: crate::migrate::data::pending(&self.cfg.state_dir)?,
+            warnings,
         })
     }
 
@@ -175,6 +210,9 @@ pub struct Status {
     pub last_run: Option<crate::runlog::LastRun>,
     /// Data a new slot's migrations staged, waiting for its `mark-good`.
     pub pending_data: Option<crate::migrate::data::Pending>,
+    /// Mismatches: booted is not what starts next, a bootable slot the
+    /// bootloader cannot find, nothing bootable.
+    pub warnings: Vec<String>,
 }
 
 /// One slot in `abup status`.
@@ -189,6 +227,8 @@ pub struct SlotStatus {
     pub partuuid: String,
     pub bootable: bool,
     pub tries_left: Option<u32>,
+    /// Why the bootloader would not find or boot this slot, if it would not.
+    pub unfindable: Option<String>,
 }
 
 /// Finds the booted slot from `/proc/cmdline`, then from the device of `/`.

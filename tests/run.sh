@@ -9,8 +9,11 @@ if [ "$(id -u)" -ne 0 ]; then
     echo "tests/run.sh: run as root (the tests use loop devices, mkfs.ext4 and mount)" >&2
     exit 1
 fi
+# The real-boot tests (tests/qemu/, tests/it/qemu.rs) also need QEMU,
+# OVMF, Debian's GRUB images, busybox and the FAT/ELF tools.
 pkgs=(gdisk e2fsprogs grub-common zstd attr acl util-linux mount tar busybox-static procps
-    u-boot-tools libubootenv-tool mtools dosfstools cpio qemu-system-arm u-boot-qemu systemd)
+    u-boot-tools libubootenv-tool mtools dosfstools cpio qemu-system-arm u-boot-qemu systemd
+    qemu-system-x86 ovmf grub-efi-amd64-bin grub-pc-bin file binutils)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -18,7 +21,7 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "==> installing ${missing[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 # nmcli (NetworkManager's own keyfile parser) cross-checks the keyfiles of
 # the WiFi migration example. Taken from the network-manager package without
@@ -52,4 +55,6 @@ if ! ls "$cache"/linux-image-*-cloud-arm64-unsigned_*_arm64.deb >/dev/null 2>&1 
 fi
 . fixtures/rust-toolchain.sh
 ensure_rust
+# The Debian kernel the real boots start (cached in /var/cache/abup-tests).
+echo "==> kernel for the QEMU boots: $(bash tests/qemu/fetch-kernel.sh amd64)"
 cargo test --all-targets

@@ -20,10 +20,14 @@ mod format;
 mod fuzz_replay;
 #[path = "it/hostile.rs"]
 mod hostile;
+#[path = "it/grub_boot.rs"]
+mod grub_boot;
 #[path = "it/install.rs"]
 mod install;
 #[path = "it/migrate.rs"]
 mod migrate;
+#[path = "it/qemu.rs"]
+mod qemu;
 #[path = "it/slots.rs"]
 mod slots;
 #[path = "it/tar_fidelity.rs"]

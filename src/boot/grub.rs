@@ -4,36 +4,42 @@
 //! The bootloader half is `boot-backends/grub/grub.cfg`; its README states the
 //! variable contract. In short:
 //!
-//! | variable         | meaning                                                  |
-//! |------------------|----------------------------------------------------------|
-//! | `ORDER`          | slots to try, space separated, primary first (`"A B"`)   |
-//! | `A_OK`, `B_OK`   | `1`: the slot may be booted; `0`: never boot it          |
-//! | `A_TRY`, `B_TRY` | boot attempts since the slot was made primary or good    |
-//! | `ABUP_MAX_TRIES` | attempts allowed before GRUB falls back (1–9, default 3) |
+//! | variable           | meaning                                                  |
+//! |--------------------|----------------------------------------------------------|
+//! | `ORDER`            | `"A B"` or `"B A"`: the slot to try first, first         |
+//! | `A_OK`, `B_OK`     | `1`: the slot may be booted; `0`: never boot it          |
+//! | `A_TRY`, `B_TRY`   | boot attempts of a slot being tried (0–9)                |
+//! | `A_GOOD`, `B_GOOD` | `1`: committed by `mark-good`; GRUB boots it uncounted   |
+//! | `ABUP_MAX_TRIES`   | attempts allowed before GRUB falls back (1–9, default 3) |
 //!
-//! A slot is bootable when `X_OK=1` and `X_TRY < ABUP_MAX_TRIES`. GRUB boots
-//! the first bootable slot in `ORDER` and increments its `X_TRY` before
-//! booting it; `abup mark-good` resets the counter. With `ABUP_MAX_TRIES=1`
-//! this is exactly RAUC's GRUB contract.
+//! A slot is bootable when `X_OK=1` and either `X_GOOD=1` or `X_TRY <
+//! ABUP_MAX_TRIES`. GRUB boots the first bootable slot in `ORDER` it can
+//! find (filesystem label `abup-X`, see [`super::grubslot`]) and, for a slot
+//! not yet good, increments `X_TRY` before booting it. A slot that used its
+//! tries stays out until abup activates or blesses it again: no boot loop.
 //!
-//! The file format is GRUB's own (`grub-core/lib/envblk.c`): a fixed-size
-//! block (1024 bytes when made by `grub-editenv create`) that starts with
+//! Writes are durable as GRUB sees it: the existing block is overwritten in
+//! place and flushed ([`super::bootfile`]), never replaced by rename, and no
+//! symlink is followed.
+//!
+//! The file format is GRUB's own (`grub-core/lib/envblk.c`): a block of
+//! exactly 1024 bytes (as `grub-editenv create` makes it) that starts with
 //! `# GRUB Environment Block\n`, holds `name=value\n` lines, and is padded
 //! with `#` up to its size. GRUB's `save_env` rewrites the block in place and
-//! can neither grow nor shrink it, so the size of an existing file is kept.
+//! can neither grow nor shrink it; abup refuses any other size.
 //! In values, `\` and newline are written as `\\` and `\`+newline, as
 //! `grub-editenv` does. Lines starting with `#` are comments; GRUB skips them
 //! and so do we, but they are kept where they are (2.06 writes a warning
 //! comment on `create`). [`GrubEnv`] writes exactly the bytes `grub-editenv`
 //! would write for the same edits, which the tests check against the tool.
 
+use crate::boot::{bootfile, grubslot};
 use crate::boot::{BootBackend, BootSlotInfo, BootState};
 use crate::slot::SlotName;
-use crate::util::write_atomic;
 use anyhow::{bail, Context, Result};
 use std::collections::HashSet;
 use std::fs;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Read};
 use std::path::{Path, PathBuf};
 
 /// The first line of every GRUB environment block.
@@ -91,16 +97,29 @@ impl GrubEnv {
     }
 
     /// Parses a block read from `path` (used in error messages only).
-    ///
-    /// Accepts what GRUB accepts (any size, comments) but refuses what GRUB
-    /// would silently misread: a missing signature, a line without `=`, a
-    /// last line cut off before the padding, and a variable set twice.
     pub fn parse(data: &[u8], path: &Path) -> Result<GrubEnv> {
-        let shown = path.display();
+        GrubEnv::parse_named(data, &EnvName::file(path))
+    }
+
+    /// Parses a block exactly as GRUB reads one, refusing anything GRUB
+    /// would misread or that abup could not write back unchanged in size:
+    /// a size other than 1024 bytes, a missing signature, a line without
+    /// `=`, a last line cut off before the `#` padding, a variable set twice.
+    pub fn parse_named(data: &[u8], env_name: &EnvName) -> Result<GrubEnv> {
+        let shown = &env_name.shown;
+        let create = env_name.editenv("create");
+        if data.len() != DEFAULT_ENV_SIZE {
+            bail!(
+                "grub backend: {shown} is {} bytes, but a GRUB environment block is exactly \
+                 {DEFAULT_ENV_SIZE} bytes; recreate it with `{create}` and set the variables again \
+                 (see boot-backends/grub/README.md)",
+                data.len()
+            );
+        }
         if !data.starts_with(ENV_SIGNATURE) {
             bail!(
                 "grub backend: {shown} is not a GRUB environment block (missing header); \
-                 recreate it with `grub-editenv {shown} create`"
+                 recreate it with `{create}`"
             );
         }
         let body = &data[ENV_SIGNATURE.len()..];
@@ -110,7 +129,7 @@ impl GrubEnv {
         if end > 0 && body[end - 1] != b'\n' {
             bail!(
                 "grub backend: {shown} is corrupt: its last line is cut off before the `#` \
-                 padding; recreate it with `grub-editenv {shown} create`"
+                 padding; recreate it with `{create}`"
             );
         }
         let region = &body[..end];
@@ -139,7 +158,7 @@ impl GrubEnv {
             let Some(eq) = eq else {
                 bail!(
                     "grub backend: {shown} is corrupt: line {} is not `name=value`; \
-                     fix it with grub-editenv or recreate it with `grub-editenv {shown} create`",
+                     fix it with grub-editenv or recreate it with `{create}`",
                     line_no(start)
                 );
             };
@@ -157,7 +176,7 @@ impl GrubEnv {
                         None => {
                             bail!(
                                 "grub backend: {shown} is corrupt: line {} ends inside an escape; \
-                                 recreate it with `grub-editenv {shown} create`",
+                                 recreate it with `{create}`",
                                 line_no(start)
                             )
                         }
@@ -168,7 +187,7 @@ impl GrubEnv {
                     }
                     None => bail!(
                         "grub backend: {shown} is corrupt: line {} is cut off before the `#` \
-                         padding; recreate it with `grub-editenv {shown} create`",
+                         padding; recreate it with `{create}`",
                         line_no(start)
                     ),
                 }
@@ -180,7 +199,8 @@ impl GrubEnv {
                 let n = String::from_utf8_lossy(&name);
                 bail!(
                     "grub backend: {shown} sets {n} more than once; remove the extra lines with \
-                     `grub-editenv {shown} unset {n}` and set it again"
+                     `{}` and set it again",
+                    env_name.editenv(&format!("unset {n}"))
                 );
             }
             lines.push(Line::Var { name, value });
@@ -301,69 +321,139 @@ impl GrubEnv {
         })
     }
 
-    /// Writes the block to `path` atomically, and only when its bytes differ
-    /// from what is there (a no-op leaves the file untouched, mtime
-    /// included). Returns whether it wrote.
+    /// Writes the block to `path`, only when its bytes differ from what is
+    /// there (a no-op leaves the file untouched, mtime included). Returns
+    /// whether it wrote.
     ///
-    /// A symlink at `path` is followed, so a grubenv linked to the ESP stays
-    /// a link. When the variables do not fit, nothing is written.
+    /// An existing block is overwritten in place and flushed, so GRUB (which
+    /// reads the filesystem without replaying its journal) sees the write as
+    /// soon as this returns; see [`bootfile`]. A missing file is created. No
+    /// symlink is followed. When the variables do not fit, nothing is written.
     pub fn save(&self, path: &Path) -> Result<bool> {
-        let shown = path.display();
+        self.save_named(path, &EnvName::file(path))
+    }
+
+    /// [`save`](Self::save), naming the file as `name` in errors.
+    pub fn save_named(&self, path: &Path, name: &EnvName) -> Result<bool> {
+        let shown = &name.shown;
         let data = match self.encode() {
             Ok(data) => data,
             Err(needed) => bail!(
                 "grub backend: {shown} is full: the variables need {needed} bytes but the \
-                 block holds {}; nothing was written. Remove unused variables with \
-                 `grub-editenv {shown} unset NAME`",
-                self.size
+                 block holds {}; nothing was written. Remove unused variables with `{}`",
+                self.size,
+                name.editenv("unset NAME")
             ),
         };
-        let target = match fs::canonicalize(path) {
-            Ok(real) => real,
-            Err(e) if e.kind() == ErrorKind::NotFound => path.to_path_buf(),
-            Err(e) => {
-                return Err(e).with_context(|| format!("grub backend: resolving {shown}"));
+        let file = match bootfile::open_nofollow(path, true, &format!("grub backend: {shown}")) {
+            Ok(f) => f,
+            Err(e) if is_not_found(&e) => {
+                bootfile::create_new(path, &data, &format!("grub backend: {shown}"))?;
+                return Ok(true);
             }
+            Err(e) => return Err(e),
         };
-        match fs::read(&target) {
-            Ok(current) if current == data => return Ok(false),
-            Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("grub backend: reading {}", target.display()));
-            }
+        let mut current = Vec::new();
+        (&file)
+            .read_to_end(&mut current)
+            .with_context(|| format!("grub backend: reading {shown}"))?;
+        if current == data {
+            return Ok(false);
         }
-        write_atomic(&target, &data)
-            .with_context(|| format!("grub backend: writing {}", target.display()))?;
+        bootfile::overwrite_in_place(&file, &data, &format!("grub backend: {shown}"))?;
         Ok(true)
+    }
+}
+
+fn is_not_found(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == ErrorKind::NotFound)
+    })
+}
+
+/// How the environment block is named to a user: in errors, and in the
+/// `grub-editenv` command they can run to fix it (with a mount step when
+/// abup reached the file through a mount of its own).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnvName {
+    /// E.g. `/boot/grub/grubenv`, or `grub/grubenv on the boot partition /dev/sda1`.
+    pub shown: String,
+    /// The path to pass to grub-editenv.
+    edit_path: String,
+    /// The device to mount at /mnt first, if any.
+    mount: Option<String>,
+}
+
+impl EnvName {
+    /// A file at a path of the running system.
+    pub fn file(path: &Path) -> EnvName {
+        EnvName {
+            shown: path.display().to_string(),
+            edit_path: path.display().to_string(),
+            mount: None,
+        }
+    }
+
+    /// `rel` inside the filesystem on `dev`, which abup mounts itself.
+    pub fn on_partition(dev: &Path, rel: &Path) -> EnvName {
+        EnvName {
+            shown: format!("{} on the boot partition {}", rel.display(), dev.display()),
+            edit_path: Path::new("/mnt").join(rel).display().to_string(),
+            mount: Some(dev.display().to_string()),
+        }
+    }
+
+    /// The shell command running `grub-editenv FILE args`.
+    pub fn editenv(&self, args: &str) -> String {
+        match &self.mount {
+            None => format!("grub-editenv {} {args}", self.edit_path),
+            Some(dev) => format!(
+                "mount {dev} /mnt && grub-editenv {} {args}; umount /mnt",
+                self.edit_path
+            ),
+        }
     }
 }
 
 /// The GRUB backend: keeps the A/B variables in a grubenv file.
 ///
 /// Every operation reads the file afresh, so nothing stale is ever written
-/// back; writes go through [`GrubEnv::save`] (atomic, skipped when nothing
-/// changes).
+/// back; writes go through [`GrubEnv::save_named`] (in place, durable as GRUB
+/// sees it, skipped when nothing changes).
 #[derive(Debug)]
 pub struct GrubBackend {
     envfile: PathBuf,
+    name: EnvName,
     max_tries: u32,
 }
 
 /// The A/B variables as read from the block, missing ones defaulted the way
 /// grub.cfg defaults them.
-struct AbVars {
-    order: Vec<SlotName>,
-    ok: [bool; 2],
-    tries: [u32; 2],
-    max_tries: u32,
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AbVars {
+    pub order: [SlotName; 2],
+    pub ok: [bool; 2],
+    pub tries: [u32; 2],
+    /// `X_GOOD=1`: committed; grub.cfg boots it without counting tries.
+    pub good: [bool; 2],
+    pub max_tries: u32,
 }
 
 impl AbVars {
-    fn bootable(&self, slot: SlotName) -> bool {
+    /// What grub.cfg checks before it looks for the slot's kernel.
+    pub fn bootable(&self, slot: SlotName) -> bool {
         let i = slot_index(slot);
-        self.ok[i] && self.tries[i] < self.max_tries
+        self.ok[i] && (self.good[i] || self.tries[i] < self.max_tries)
+    }
+
+    /// The slot grub.cfg boots next: the first in ORDER that is bootable and
+    /// that `findable` says GRUB can find (filesystem label and kernel).
+    pub fn next_boot(&self, findable: &dyn Fn(SlotName) -> bool) -> Option<SlotName> {
+        self.order
+            .iter()
+            .copied()
+            .find(|&s| self.bootable(s) && findable(s))
     }
 }
 
@@ -382,6 +472,10 @@ fn try_var(slot: SlotName) -> String {
     format!("{slot}_TRY")
 }
 
+fn good_var(slot: SlotName) -> String {
+    format!("{slot}_GOOD")
+}
+
 fn check_max_tries(max_tries: u32) -> Result<()> {
     if !(1..=MAX_TRIES_LIMIT).contains(&max_tries) {
         bail!(
@@ -396,44 +490,81 @@ impl GrubBackend {
     /// Opens the environment block at `envfile`, checking that it exists and
     /// parses. `max_tries` (1–9) is the `ABUP_MAX_TRIES` abup writes with
     /// every flip.
+    pub fn open(envfile: &Path, max_tries: u32) -> Result<GrubBackend> {
+        GrubBackend::open_named(envfile, EnvName::file(envfile), max_tries, None)
+    }
+
+    /// [`open`](Self::open), naming the file as `name` to the user; `booted`
+    /// is the running slot, put first in the command suggested when the
+    /// block is missing.
     ///
     /// A missing file is an error, never created here: the block belongs on
     /// the partition GRUB reads it from, and guessing that during an install
     /// would hide a misconfiguration.
-    pub fn open(envfile: &Path, max_tries: u32) -> Result<GrubBackend> {
+    pub fn open_named(
+        envfile: &Path,
+        name: EnvName,
+        max_tries: u32,
+        booted: Option<SlotName>,
+    ) -> Result<GrubBackend> {
         check_max_tries(max_tries)?;
         let backend = GrubBackend {
             envfile: envfile.to_path_buf(),
+            name,
             max_tries,
         };
-        backend.load()?;
+        match backend.read() {
+            Ok(Some(env)) => {
+                backend.vars(&env)?;
+            }
+            Ok(None) => {
+                let first = booted.unwrap_or(SlotName::A);
+                let other = first.other();
+                bail!(
+                    "grub backend: {} does not exist; create it with `{}` (the slot running \
+                     now, {first}, first; see boot-backends/grub/README.md)",
+                    backend.name.shown,
+                    backend.name.editenv(&format!(
+                        "set ORDER=\"{first} {other}\" {first}_OK=1 {first}_TRY=0 {first}_GOOD=1 \
+                         {other}_OK=0 {other}_TRY=0 {other}_GOOD=0 ABUP_MAX_TRIES={max_tries}"
+                    ))
+                );
+            }
+            Err(e) => return Err(e),
+        }
         Ok(backend)
     }
 
-    /// Initialises the block at `envfile` with `primary` bootable and first,
-    /// the other slot not bootable, counters at 0 and `ABUP_MAX_TRIES`.
+    /// Initialises the block at `envfile` with `primary` bootable, good and
+    /// first, the other slot not bootable, counters at 0 and
+    /// `ABUP_MAX_TRIES`.
     ///
     /// Creates the file (1024 bytes, as `grub-editenv create`) when it is
     /// missing; otherwise sets these variables and keeps every other one
     /// (grub-install leaves an empty grubenv behind, for instance).
     pub fn create_default(envfile: &Path, primary: SlotName, max_tries: u32) -> Result<()> {
         check_max_tries(max_tries)?;
-        let mut env = match fs::read(envfile) {
-            Ok(data) => GrubEnv::parse(&data, envfile)?,
-            Err(e) if e.kind() == ErrorKind::NotFound => GrubEnv::new(),
-            Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("grub backend: reading {}", envfile.display()));
+        let name = EnvName::file(envfile);
+        let mut env = match bootfile::open_nofollow(envfile, false, "grub backend") {
+            Ok(mut f) => {
+                let mut data = Vec::new();
+                f.read_to_end(&mut data)
+                    .with_context(|| format!("grub backend: reading {}", envfile.display()))?;
+                GrubEnv::parse_named(&data, &name)?
             }
+            Err(e) if is_not_found(&e) => GrubEnv::new(),
+            Err(e) => return Err(e),
         };
         let other = primary.other();
         env.set("ORDER", &format!("{primary} {other}"))?;
         for slot in SlotName::ALL {
-            env.set(&ok_var(slot), if slot == primary { "1" } else { "0" })?;
+            let on = if slot == primary { "1" } else { "0" };
+            env.set(&ok_var(slot), on)?;
             env.set(&try_var(slot), "0")?;
+            env.set(&good_var(slot), on)?;
         }
         env.set("ABUP_MAX_TRIES", &max_tries.to_string())?;
-        env.save(envfile)?;
+        env.save_named(envfile, &name)?;
         Ok(())
     }
 
@@ -442,19 +573,28 @@ impl GrubBackend {
         &self.envfile
     }
 
-    fn load(&self) -> Result<GrubEnv> {
-        let shown = self.envfile.display();
-        match fs::read(&self.envfile) {
-            Ok(data) => GrubEnv::parse(&data, &self.envfile),
-            Err(e) if e.kind() == ErrorKind::NotFound => bail!(
-                "grub backend: {shown} does not exist; create it with \
-                 `grub-editenv {shown} set ORDER=\"A B\" A_OK=1 A_TRY=0 B_OK=0 B_TRY=0 \
-                 ABUP_MAX_TRIES={}` (the slot running now first; see \
-                 boot-backends/grub/README.md)",
-                self.max_tries
-            ),
-            Err(e) => Err(e).with_context(|| format!("grub backend: reading {shown}")),
+    /// The block, or None when the file does not exist.
+    fn read(&self) -> Result<Option<GrubEnv>> {
+        let shown = &self.name.shown;
+        match bootfile::open_nofollow(&self.envfile, false, &format!("grub backend: {shown}")) {
+            Ok(mut f) => {
+                let mut data = Vec::new();
+                f.read_to_end(&mut data)
+                    .with_context(|| format!("grub backend: reading {shown}"))?;
+                Ok(Some(GrubEnv::parse_named(&data, &self.name)?))
+            }
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(e),
         }
+    }
+
+    fn load(&self) -> Result<GrubEnv> {
+        self.read()?.with_context(|| {
+            format!(
+                "grub backend: {} does not exist (it was there when abup started)",
+                self.name.shown
+            )
+        })
     }
 
     fn text<'a>(&self, env: &'a GrubEnv, name: &str) -> Result<Option<&'a str>> {
@@ -463,75 +603,87 @@ impl GrubBackend {
                 std::str::from_utf8(v).with_context(|| {
                     format!(
                         "grub backend: {}: {name} is not valid UTF-8",
-                        self.envfile.display()
+                        self.name.shown
                     )
                 })
             })
             .transpose()
     }
 
-    /// A counter or flag: plain decimal digits, no sign, no spaces, no
-    /// leading zeros (grub.cfg compares them as strings).
-    fn number(&self, env: &GrubEnv, name: &str) -> Result<Option<u32>> {
+    /// A variable that must be a plain decimal number in `range` (no sign,
+    /// no spaces, no leading zeros: grub.cfg compares them as strings).
+    fn number(
+        &self,
+        env: &GrubEnv,
+        name: &str,
+        range: std::ops::RangeInclusive<u32>,
+    ) -> Result<Option<u32>> {
         let Some(text) = self.text(env, name)? else {
             return Ok(None);
         };
         let canonical = !text.is_empty()
+            && text.len() <= 2
             && text.bytes().all(|b| b.is_ascii_digit())
             && (text == "0" || !text.starts_with('0'));
         match text.parse::<u32>() {
-            Ok(n) if canonical => Ok(Some(n)),
+            Ok(n) if canonical && range.contains(&n) => Ok(Some(n)),
             _ => bail!(
-                "grub backend: {}: {name}={text:?} is not a whole number; set it with \
-                 `grub-editenv {} set {name}=0` (see boot-backends/grub/README.md)",
-                self.envfile.display(),
-                self.envfile.display()
+                "grub backend: {}: {name}={text:?} is not one of {} to {} (plain decimal); \
+                 set it with `{}` (see boot-backends/grub/README.md)",
+                self.name.shown,
+                range.start(),
+                range.end(),
+                self.name.editenv(&format!("set {name}={}", range.start()))
             ),
         }
     }
 
-    fn vars(&self, env: &GrubEnv) -> Result<AbVars> {
-        let shown = self.envfile.display();
+    /// Reads and validates every variable abup and grub.cfg share.
+    pub fn vars(&self, env: &GrubEnv) -> Result<AbVars> {
+        let shown = &self.name.shown;
         let order = match self.text(env, "ORDER")? {
-            None => vec![SlotName::A, SlotName::B],
-            Some(text) => text
-                .split_ascii_whitespace()
-                .map(|word| match word {
-                    "A" => Ok(SlotName::A),
-                    "B" => Ok(SlotName::B),
-                    _ => bail!(
-                        "grub backend: {shown}: ORDER={text:?} names unknown slot {word:?}; \
-                         slots are A and B (e.g. ORDER=\"A B\")"
-                    ),
-                })
-                .collect::<Result<_>>()?,
-        };
-        let max_tries = match self.number(env, "ABUP_MAX_TRIES")? {
-            None => DEFAULT_MAX_TRIES,
-            Some(n) if (1..=MAX_TRIES_LIMIT).contains(&n) => n,
-            Some(n) => bail!(
-                "grub backend: {shown}: ABUP_MAX_TRIES={n} is out of range; grub.cfg counts \
-                 1 to {MAX_TRIES_LIMIT} tries"
+            None => [SlotName::A, SlotName::B],
+            Some("A B") => [SlotName::A, SlotName::B],
+            Some("B A") => [SlotName::B, SlotName::A],
+            Some(text) => bail!(
+                "grub backend: {shown}: ORDER={text:?} is neither \"A B\" nor \"B A\"; set it \
+                 with `{}` (the slot that should boot first, first)",
+                self.name.editenv("set ORDER=\"A B\"")
             ),
         };
+        let max_tries = self
+            .number(env, "ABUP_MAX_TRIES", 1..=MAX_TRIES_LIMIT)?
+            .unwrap_or(DEFAULT_MAX_TRIES);
         let mut vars = AbVars {
             order,
             ok: [false; 2],
             tries: [0; 2],
+            good: [false; 2],
             max_tries,
         };
         for slot in SlotName::ALL {
             let i = slot_index(slot);
-            vars.ok[i] = self.number(env, &ok_var(slot))? == Some(1);
-            vars.tries[i] = self.number(env, &try_var(slot))?.unwrap_or(0);
+            vars.ok[i] = self.number(env, &ok_var(slot), 0..=1)? == Some(1);
+            vars.tries[i] = self
+                .number(env, &try_var(slot), 0..=MAX_TRIES_LIMIT)?
+                .unwrap_or(0);
+            vars.good[i] = self.number(env, &good_var(slot), 0..=1)? == Some(1);
         }
         Ok(vars)
     }
 
+    /// The validated variables, read afresh.
+    pub fn current(&self) -> Result<AbVars> {
+        self.vars(&self.load()?)
+    }
+
+    /// Applies `change` and writes the block. The variables are validated
+    /// before anything is written.
     fn edit(&self, change: impl FnOnce(&mut GrubEnv) -> Result<()>) -> Result<()> {
         let mut env = self.load()?;
+        self.vars(&env)?;
         change(&mut env)?;
-        env.save(&self.envfile)?;
+        env.save_named(&self.envfile, &self.name)?;
         Ok(())
     }
 }
@@ -541,16 +693,16 @@ impl BootBackend for GrubBackend {
         "grub"
     }
 
-    /// The first slot in `ORDER` with `X_OK=1` and `X_TRY` below the limit
-    /// GRUB obeys (`ABUP_MAX_TRIES` from the block, 3 when unset): the slot
-    /// grub.cfg boots next.
+    /// The first slot in `ORDER` that grub.cfg may boot: `X_OK=1` and
+    /// either `X_GOOD=1` or `X_TRY` below `ABUP_MAX_TRIES`.
     fn primary(&self) -> Result<Option<SlotName>> {
-        let vars = self.vars(&self.load()?)?;
-        Ok(vars.order.iter().copied().find(|&s| vars.bootable(s)))
+        Ok(self.current()?.next_boot(&|_| true))
     }
 
     /// `ORDER="slot other"`, `slot_OK=1`, `slot_TRY=0` and `ABUP_MAX_TRIES`,
-    /// in one atomic write.
+    /// in one write. `slot_GOOD` is left as it is: an install marked the
+    /// slot bad (`X_GOOD=0`) before writing it, so a new install is tried;
+    /// re-activating a committed slot keeps it committed.
     fn set_primary(&mut self, slot: SlotName) -> Result<()> {
         let max_tries = self.max_tries;
         self.edit(|env| {
@@ -561,27 +713,45 @@ impl BootBackend for GrubBackend {
         })
     }
 
-    /// `ok` is what grub.cfg checks (`X_OK=1` and tries left); `tries_left`
-    /// counts against the limit GRUB obeys.
+    /// `ok` is what grub.cfg checks; `tries_left` counts against the limit
+    /// GRUB obeys, and is None for a committed slot (GRUB does not count).
     fn state(&self, slot: SlotName) -> Result<BootSlotInfo> {
-        let vars = self.vars(&self.load()?)?;
-        let tries = vars.tries[slot_index(slot)];
+        let vars = self.current()?;
+        let i = slot_index(slot);
+        let tries = vars.tries[i];
         Ok(BootSlotInfo {
             ok: vars.bootable(slot),
-            tries_left: Some(vars.max_tries - tries.min(vars.max_tries)),
+            tries_left: if vars.good[i] && vars.ok[i] {
+                None
+            } else {
+                Some(vars.max_tries - tries.min(vars.max_tries))
+            },
         })
     }
 
-    /// Good: `X_OK=1 X_TRY=0`. Bad: `X_OK=0 X_TRY=0` (as RAUC does).
+    /// Good: `X_OK=1 X_TRY=0 X_GOOD=1`. Bad: `X_OK=0 X_TRY=0 X_GOOD=0`.
     fn set_state(&mut self, slot: SlotName, state: BootState) -> Result<()> {
-        let ok = match state {
+        let on = match state {
             BootState::Good => "1",
             BootState::Bad => "0",
         };
         self.edit(|env| {
-            env.set(&ok_var(slot), ok)?;
-            env.set(&try_var(slot), "0")
+            env.set(&ok_var(slot), on)?;
+            env.set(&try_var(slot), "0")?;
+            env.set(&good_var(slot), on)
         })
+    }
+
+    fn prepare_slot(&self, slot: SlotName, dev: &Path) -> Result<String> {
+        grubslot::prepare(slot, dev)
+    }
+
+    fn unfindable(&self, slot: SlotName, dev: &Path, mounted_at: Option<&Path>) -> Option<String> {
+        grubslot::unfindable(slot, dev, mounted_at)
+    }
+
+    fn next_boot(&self, findable: &dyn Fn(SlotName) -> bool) -> Result<Option<SlotName>> {
+        Ok(self.current()?.next_boot(findable))
     }
 }
 
@@ -731,13 +901,13 @@ mod tests {
         let mut b = backend_in(&dir, SlotName::B, 3);
         assert_eq!(
             editenv(b.envfile(), &["list"]),
-            "ORDER=B A\nA_OK=0\nA_TRY=0\nB_OK=1\nB_TRY=0\nABUP_MAX_TRIES=3\n"
+            "ORDER=B A\nA_OK=0\nA_TRY=0\nA_GOOD=0\nB_OK=1\nB_TRY=0\nB_GOOD=1\nABUP_MAX_TRIES=3\n"
         );
         b.set_state(SlotName::A, BootState::Good).unwrap();
         b.set_primary(SlotName::A).unwrap();
         assert_eq!(
             editenv(b.envfile(), &["list"]),
-            "ORDER=A B\nA_OK=1\nA_TRY=0\nB_OK=1\nB_TRY=0\nABUP_MAX_TRIES=3\n"
+            "ORDER=A B\nA_OK=1\nA_TRY=0\nA_GOOD=1\nB_OK=1\nB_TRY=0\nB_GOOD=1\nABUP_MAX_TRIES=3\n"
         );
         assert_eq!(fs::metadata(b.envfile()).unwrap().len(), 1024);
     }
@@ -819,7 +989,9 @@ mod tests {
     fn missing_header_is_refused_with_the_fix() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("grubenv");
-        fs::write(&path, "ORDER=A B\n").unwrap();
+        let mut data = b"ORDER=A B\n".to_vec();
+        data.resize(DEFAULT_ENV_SIZE, b'#');
+        fs::write(&path, &data).unwrap();
         let err = format!("{:#}", GrubBackend::open(&path, 3).unwrap_err());
         assert_eq!(
             err,
@@ -831,7 +1003,7 @@ mod tests {
         );
         // Nor is it overwritten by create_default.
         assert!(GrubBackend::create_default(&path, SlotName::A, 3).is_err());
-        assert_eq!(fs::read(&path).unwrap(), b"ORDER=A B\n");
+        assert_eq!(fs::read(&path).unwrap(), data);
         fs::write(&path, "").unwrap();
         assert!(GrubBackend::open(&path, 3).is_err());
     }
@@ -873,44 +1045,61 @@ mod tests {
             assert!(err.starts_with("grub backend: "), "{err}");
             assert!(err.contains(want), "{err} should say {want}");
         }
-        // A block cut to a line boundary is what GRUB reads, and is kept so.
-        let short = block("A_OK=1\n")[..ENV_SIGNATURE.len() + 7].to_vec();
-        let env = GrubEnv::parse(&short, &path).unwrap();
-        assert_eq!(env.size(), short.len());
-        assert_eq!(env.to_bytes().unwrap(), short);
     }
 
     #[test]
-    fn larger_blocks_keep_their_size() {
+    fn blocks_of_other_sizes_are_refused_and_left_alone() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("grubenv");
-        let mut data = ENV_SIGNATURE.to_vec();
-        data.extend_from_slice(b"X=1\n");
-        data.resize(4096, b'#');
-        fs::write(&path, &data).unwrap();
-        let mut b = GrubBackend::open(&path, 3).unwrap();
-        b.set_primary(SlotName::B).unwrap();
-        assert_eq!(fs::metadata(&path).unwrap().len(), 4096);
-        assert_eq!(
-            editenv(&path, &["list"]),
-            "X=1\nORDER=B A\nB_OK=1\nB_TRY=0\nABUP_MAX_TRIES=3\n"
-        );
+        for size in [ENV_SIGNATURE.len() + 7, 1000, 1023, 1025, 2048, 4096] {
+            let mut data = ENV_SIGNATURE.to_vec();
+            data.extend_from_slice(b"A_OK=1\n");
+            data.resize(size, b'#');
+            fs::write(&path, &data).unwrap();
+            let err = format!("{:#}", GrubBackend::open(&path, 3).unwrap_err());
+            assert!(
+                err.contains(&format!("is {size} bytes")) && err.contains("exactly 1024"),
+                "{err}"
+            );
+            assert!(GrubBackend::create_default(&path, SlotName::A, 3).is_err());
+            assert_eq!(fs::read(&path).unwrap(), data);
+        }
     }
 
     #[test]
-    fn a_symlinked_envfile_stays_a_symlink() {
+    fn symlinks_to_or_above_the_envfile_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let real = dir.path().join("real-grubenv");
+        let host = dir.path().join("host-file");
+        GrubBackend::create_default(&host, SlotName::A, 3).unwrap();
+        let before = fs::read(&host).unwrap();
+
+        // The block itself is a link.
         let link = dir.path().join("grubenv");
-        GrubBackend::create_default(&real, SlotName::A, 3).unwrap();
-        std::os::unix::fs::symlink(&real, &link).unwrap();
-        let mut b = GrubBackend::open(&link, 3).unwrap();
-        b.set_primary(SlotName::B).unwrap();
-        assert!(fs::symlink_metadata(&link)
-            .unwrap()
-            .file_type()
-            .is_symlink());
-        assert!(editenv(&real, &["list"]).starts_with("ORDER=B A\n"));
+        std::os::unix::fs::symlink(&host, &link).unwrap();
+        let err = format!("{:#}", GrubBackend::open(&link, 3).unwrap_err());
+        assert!(err.contains("is a symlink"), "{err}");
+        assert!(GrubBackend::create_default(&link, SlotName::B, 3).is_err());
+        let mut env = GrubEnv::load(&host).unwrap();
+        env.set("X", "1").unwrap();
+        assert!(env.save(&link).is_err());
+
+        // A directory on the way is a link.
+        let real_dir = dir.path().join("real");
+        fs::create_dir(&real_dir).unwrap();
+        GrubBackend::create_default(&real_dir.join("grubenv"), SlotName::A, 3).unwrap();
+        let linked_dir = dir.path().join("grub");
+        std::os::unix::fs::symlink(&real_dir, &linked_dir).unwrap();
+        let err = format!(
+            "{:#}",
+            GrubBackend::open(&linked_dir.join("grubenv"), 3).unwrap_err()
+        );
+        assert!(
+            err.contains(&format!("{} is a symlink", linked_dir.display())),
+            "{err}"
+        );
+        assert!(env.save(&linked_dir.join("grubenv")).is_err());
+
+        assert_eq!(fs::read(&host).unwrap(), before);
     }
 
     #[test]
@@ -919,12 +1108,14 @@ mod tests {
         let b = backend_in(&dir, SlotName::A, 3);
         assert_eq!(b.name(), "grub");
         assert_eq!(b.primary().unwrap(), Some(SlotName::A));
+        // The slot running when the block was made is committed: GRUB boots
+        // it without counting.
         let a = b.state(SlotName::A).unwrap();
         assert_eq!(
             a,
             BootSlotInfo {
                 ok: true,
-                tries_left: Some(3)
+                tries_left: None
             }
         );
         assert!(!b.state(SlotName::B).unwrap().ok);
@@ -932,6 +1123,10 @@ mod tests {
 
     /// The install → failed boots → fallback → commit cycle, with GRUB's
     /// part (incrementing X_TRY) done by grub-editenv as grub.cfg would.
+    /// The install → failed boots → fallback cycle, with GRUB's part
+    /// (incrementing X_TRY of a slot being tried) done by grub-editenv as
+    /// grub.cfg would. The fallback ends: the good slot keeps booting without
+    /// being blessed again, the failed one never comes back by itself.
     #[test]
     fn install_then_fallback_after_max_tries() {
         let dir = tempfile::tempdir().unwrap();
@@ -950,31 +1145,36 @@ mod tests {
         assert_eq!(b.primary().unwrap(), Some(SlotName::B));
         assert_eq!(b.state(SlotName::B).unwrap().tries_left, Some(1));
         editenv(&path, &["set", "B_TRY=2"]);
-        let info = b.state(SlotName::B).unwrap();
         assert_eq!(
-            info,
+            b.state(SlotName::B).unwrap(),
             BootSlotInfo {
                 ok: false,
                 tries_left: Some(0)
             }
         );
-        // Falls back to A, which was good all along.
-        assert_eq!(b.primary().unwrap(), Some(SlotName::A));
+        // Falls back to A, which was good all along, and stays there: GRUB
+        // counts no tries for a good slot, so no mark-good is needed.
+        for _ in 0..5 {
+            assert_eq!(b.primary().unwrap(), Some(SlotName::A));
+        }
+        assert_eq!(b.state(SlotName::A).unwrap().tries_left, None);
+        // A skipped slot (kernel not found) does not change that.
+        let vars = b.current().unwrap();
+        assert_eq!(vars.next_boot(&|s| s != SlotName::A), None);
 
-        // A boots (GRUB counts it) and commits itself.
-        editenv(&path, &["set", "A_TRY=1"]);
-        b.set_state(SlotName::A, BootState::Good).unwrap();
-        assert_eq!(b.state(SlotName::A).unwrap().tries_left, Some(2));
-        // A later mark-bad of B keeps it out for good.
-        b.set_state(SlotName::B, BootState::Bad).unwrap();
+        // Only an explicit activation gives B new tries.
+        b.set_primary(SlotName::B).unwrap();
+        assert_eq!(b.primary().unwrap(), Some(SlotName::B));
+        editenv(&path, &["set", "B_TRY=1"]);
+        b.set_state(SlotName::B, BootState::Good).unwrap();
         assert_eq!(
             editenv(&path, &["list"]),
-            "ORDER=B A\nA_OK=1\nA_TRY=0\nB_OK=0\nB_TRY=0\nABUP_MAX_TRIES=2\n"
+            "ORDER=B A\nA_OK=1\nA_TRY=0\nA_GOOD=1\nB_OK=1\nB_TRY=0\nB_GOOD=1\nABUP_MAX_TRIES=2\n"
         );
-        assert_eq!(b.primary().unwrap(), Some(SlotName::A));
 
         // Nothing bootable.
         b.set_state(SlotName::A, BootState::Bad).unwrap();
+        b.set_state(SlotName::B, BootState::Bad).unwrap();
         assert_eq!(b.primary().unwrap(), None);
     }
 
@@ -982,6 +1182,7 @@ mod tests {
     fn max_tries_one_is_rauc() {
         let dir = tempfile::tempdir().unwrap();
         let b = backend_in(&dir, SlotName::B, 1);
+        editenv(b.envfile(), &["set", "B_GOOD=0"]);
         assert_eq!(b.primary().unwrap(), Some(SlotName::B));
         editenv(b.envfile(), &["set", "B_TRY=1"]);
         assert_eq!(b.primary().unwrap(), None);
@@ -1017,8 +1218,14 @@ mod tests {
             ("A_OK= 1", "A_OK=\" 1\""),
             ("A_TRY=01", "A_TRY=\"01\""),
             ("ORDER=A C", "ORDER=\"A C\""),
-            ("ABUP_MAX_TRIES=10", "ABUP_MAX_TRIES=10"),
-            ("ABUP_MAX_TRIES=0", "ABUP_MAX_TRIES=0"),
+            ("ORDER=A", "ORDER=\"A\""),
+            ("ORDER=A A", "ORDER=\"A A\""),
+            ("ORDER=B  A", "ORDER=\"B  A\""),
+            ("A_OK=2", "A_OK=\"2\""),
+            ("B_GOOD=2", "B_GOOD=\"2\""),
+            ("B_TRY=10", "B_TRY=\"10\""),
+            ("ABUP_MAX_TRIES=10", "ABUP_MAX_TRIES=\"10\""),
+            ("ABUP_MAX_TRIES=0", "ABUP_MAX_TRIES=\"0\""),
         ];
         for (set, want) in cases {
             let good = fs::read(b.envfile()).unwrap();
@@ -1026,6 +1233,16 @@ mod tests {
             let err = format!("{:#}", b.primary().unwrap_err());
             assert!(err.starts_with("grub backend: "), "{err}");
             assert!(err.contains(want), "{err} should name {want}");
+            // Nothing is written over a block abup cannot read.
+            let bad = fs::read(b.envfile()).unwrap();
+            let mut w = GrubBackend {
+                envfile: b.envfile().to_path_buf(),
+                name: EnvName::file(b.envfile()),
+                max_tries: 3,
+            };
+            assert!(w.set_state(SlotName::B, BootState::Bad).is_err());
+            assert!(w.set_primary(SlotName::A).is_err());
+            assert_eq!(fs::read(b.envfile()).unwrap(), bad);
             fs::write(b.envfile(), good).unwrap();
         }
     }

@@ -4,14 +4,17 @@
 //! The backend is chosen once from the config ([`crate::config::BootConfig`])
 //! by [`open`]; nothing else in abup knows which bootloader is in use.
 
+pub mod bootfile;
 pub mod custom;
 pub mod grub;
+pub mod grubslot;
 pub mod uboot;
 pub mod ubootenv;
 
 use crate::slot::SlotName;
 use anyhow::Result;
 use serde::Serialize;
+use std::path::Path;
 
 /// What the bootloader knows about one slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -48,6 +51,30 @@ pub trait BootBackend {
     fn state(&self, slot: SlotName) -> Result<BootSlotInfo>;
     /// Marks `slot` good (bootable, counter reset) or bad (never booted).
     fn set_state(&mut self, slot: SlotName, state: BootState) -> Result<()>;
+
+    /// Makes a freshly written slot (on `dev`, not mounted) findable by the
+    /// bootloader's shipped configuration and checks it holds what that
+    /// configuration boots; refuses, with the fix, a slot it would not
+    /// boot. Called before the flip. Returns what it checked or changed.
+    fn prepare_slot(&self, _slot: SlotName, _dev: &Path) -> Result<String> {
+        Ok("nothing to check for this bootloader".to_string())
+    }
+
+    /// Why the bootloader could not find or boot `slot` on `dev` (mounted at
+    /// `mounted_at`, if it is), or None when it can or cannot tell.
+    fn unfindable(
+        &self,
+        _slot: SlotName,
+        _dev: &Path,
+        _mounted_at: Option<&Path>,
+    ) -> Option<String> {
+        None
+    }
+
+    /// The slot the bootloader starts next, given which slots it can find.
+    fn next_boot(&self, findable: &dyn Fn(SlotName) -> bool) -> Result<Option<SlotName>> {
+        Ok(self.primary()?.filter(|s| findable(*s)))
+    }
 }
 
 use crate::config::{BootConfig, GrubEnvLocation, UbootEnvLocation};
@@ -86,11 +113,17 @@ impl OpenBackend {
 
 /// Builds the configured backend. This is the only place that looks at
 /// which bootloader is configured.
-pub fn open(cfg: &BootConfig, tries: u32, disk: &Disk) -> Result<OpenBackend> {
+/// `booted` is the running slot, if known (for the fixes errors suggest).
+pub fn open(
+    cfg: &BootConfig,
+    tries: u32,
+    disk: &Disk,
+    booted: Option<SlotName>,
+) -> Result<OpenBackend> {
     match cfg {
         BootConfig::Grub { env } => {
-            let (path, mount, device) = match env {
-                GrubEnvLocation::File(p) => (p.clone(), None, None),
+            let (path, name, mount, device) = match env {
+                GrubEnvLocation::File(p) => (p.clone(), grub::EnvName::file(p), None, None),
                 GrubEnvLocation::Partition { part, path } => {
                     let info = disk.find(part)?;
                     let dev = disk.device(info)?;
@@ -98,7 +131,8 @@ pub fn open(cfg: &BootConfig, tries: u32, disk: &Disk) -> Result<OpenBackend> {
                     // device (a second loop over the same bytes) would give
                     // two writers one filesystem: use the existing mount.
                     if let Some(at) = disk.mount_point(info, &dev)? {
-                        (at.join(path), None, Some(dev))
+                        let p = at.join(path);
+                        (p.clone(), grub::EnvName::file(&p), None, Some(dev))
                     } else {
                         let m = TempMount::ext4(&dev.path, crate::mount::Access::ReadOnly)
                             .map_err(|e| {
@@ -107,12 +141,13 @@ pub fn open(cfg: &BootConfig, tries: u32, disk: &Disk) -> Result<OpenBackend> {
                                     dev.path.display()
                                 ))
                             })?;
-                        (m.path().join(path), Some(m), Some(dev))
+                        let name = grub::EnvName::on_partition(&dev.path, path);
+                        (m.path().join(path), name, Some(m), Some(dev))
                     }
                 }
             };
             Ok(OpenBackend {
-                backend: Box::new(grub::GrubBackend::open(&path, tries)?),
+                backend: Box::new(grub::GrubBackend::open_named(&path, name, tries, booted)?),
                 mount,
                 device,
                 read_write: false,

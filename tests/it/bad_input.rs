@@ -287,8 +287,10 @@ fn downgrade_is_refused_unless_allowed() {
             &[
                 ("ORDER", "A B"),
                 ("B_OK", "1"),
+                ("B_GOOD", "1"),
                 ("A_OK", "1"),
-                ("A_TRY", "0")
+                ("A_TRY", "0"),
+                ("A_GOOD", "0")
             ]
         )
     );

@@ -181,7 +181,7 @@ fn tar_payload_from_a_rootfs_dir_keeps_every_file_kind() {
     {
         let b = env.disk.mount("rootB", false);
         let label = sh(Command::new("e2label").arg(b.lo.path()));
-        assert_eq!(label.trim(), "rootB", "ext4 label of the new slot");
+        assert_eq!(label.trim(), "abup-B", "ext4 label grub.cfg searches for");
         check_rich_tree(b.path(), &tree, "1.0.0");
         // Preserved from the running system, replacing the image's file.
         assert_eq!(read(&b.path().join("etc/hostname")), "device-42\n");
@@ -261,7 +261,9 @@ fn ext4_image(env: &Env, version: &str, size: &str) -> std::path::PathBuf {
     simple_rootfs(&tree, version);
     let img = env.path("rootfs.ext4");
     sh(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
+        // Already labelled as grub.cfg searches for slot B, so abup writes
+        // it byte for byte (another label is changed after the write).
+        .args(["-q", "-F", "-L", "abup-B", "-d"])
         .arg(&tree)
         .arg(&img)
         .arg(size));

@@ -38,8 +38,10 @@ pub const INITIAL_ENV: &[(&str, &str)] = &[
     ("ORDER", "A B"),
     ("A_OK", "1"),
     ("A_TRY", "0"),
+    ("A_GOOD", "1"),
     ("B_OK", "0"),
     ("B_TRY", "0"),
+    ("B_GOOD", "0"),
     ("ABUP_MAX_TRIES", "3"),
 ];
 
@@ -768,6 +770,12 @@ impl EnvBuilder {
             );
             write(tree, "etc/hostname", "slot-a-image\n", 0o644);
             write(tree, "usr/bin/hello", "#!/bin/sh\necho A\n", 0o755);
+            write(tree, "boot/vmlinuz", "slot A kernel\n", 0o644);
+        }
+        // Labelled as grub.cfg searches for it.
+        {
+            let lo = disk.attach("rootA", false);
+            sh(Command::new("e2label").arg(lo.path()).arg("abup-A"));
         }
         // Slot B starts out holding garbage-free zeros; boot holds the env.
         disk.mkfs("boot");
@@ -1173,6 +1181,12 @@ pub fn make_bundle(
     compatible: &str,
     out: &Path,
 ) {
+    if let Source::Rootfs(dir) = source {
+        // Every slot holds the kernel grub.cfg boots, or install refuses it.
+        if fs::symlink_metadata(dir.join("boot/vmlinuz")).is_err() {
+            write(dir, "boot/vmlinuz", "test kernel\n", 0o644);
+        }
+    }
     let (flag, path) = match source {
         Source::Rootfs(p) => ("--rootfs", p),
         Source::Tarball(p) => ("--tarball", p),
@@ -1225,6 +1239,8 @@ pub fn simple_rootfs(dir: &Path, version: &str) {
     );
     write(dir, "etc/ssh/sshd_config", "PermitRootLogin no\n", 0o644);
     write(dir, "usr/bin/hello", "#!/bin/sh\necho hello\n", 0o755);
+    // The kernel grub.cfg boots: install refuses a slot without one.
+    write(dir, "boot/vmlinuz", "test kernel\n", 0o644);
     fs::create_dir_all(dir.join("usr/share/zoneinfo/Europe")).unwrap();
     write(
         dir,
@@ -1410,7 +1426,7 @@ pub fn step_comment(report: &Value, name: &str) -> String {
 }
 
 /// The install steps, in order.
-pub const INSTALL_STEPS: [&str; 11] = [
+pub const INSTALL_STEPS: [&str; 12] = [
     "load-config",
     "verify-bundle",
     "inspect-system",
@@ -1420,6 +1436,7 @@ pub const INSTALL_STEPS: [&str; 11] = [
     "verify",
     "preserve",
     "migrate",
+    "boot-files",
     "record",
     "activate",
 ];

@@ -86,10 +86,14 @@ dd if="$work/boot.img" of="$loop" bs=440 count=1 conv=notrunc status=none
 # kernel may not mount vfat).
 grub-mkimage -O x86_64-efi -o "$work/BOOTX64.EFI" -p /grub -c "$work/early.cfg" $modules
 mkfs.vfat -n ESP "${loop}p2" >/dev/null 2>&1
-mmd -i "${loop}p2" ::/EFI ::/EFI/BOOT
-mcopy -i "${loop}p2" "$work/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI
+mmd -i "${loop}p2" ::/EFI ::/EFI/BOOT 2>/dev/null
+mcopy -i "${loop}p2" "$work/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI 2>/dev/null
 umount "$mnt"
 mnt=""
-partx -d "$loop"
+# The partitions can stay busy for a moment after the unmount.
+for _ in 1 2 3 4 5 6 7 8 9 10; do
+    partx -d "$loop" 2>/dev/null && break
+    sleep 0.5
+done
 losetup -d "$loop"
 loop=""

@@ -1,0 +1,233 @@
+//! Real boots under QEMU (TCG, no KVM here), for the bootloader tests: a VM
+//! runner that reads the serial console as it comes and can stop the VM at
+//! a marker, plus the kernel download and initramfs builder scripts in
+//! `tests/qemu/`. Backend-neutral: GRUB (tests/it/grub_boot.rs) uses it with
+//! OVMF and SeaBIOS; other bootloaders pass their own QEMU arguments.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The repo's `tests/qemu/` directory.
+pub fn scripts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qemu")
+}
+
+/// A Debian kernel unpacked by `tests/qemu/fetch-kernel.sh` (cached in
+/// /var/cache/abup-tests): the directory holding `boot/vmlinuz-*` and
+/// `lib/modules/`.
+pub fn fetch_kernel(arch: &str) -> PathBuf {
+    let out = super::util::sh(Command::new(scripts().join("fetch-kernel.sh")).arg(arch));
+    PathBuf::from(out.trim())
+}
+
+/// The kernel image inside a directory from [`fetch_kernel`].
+pub fn kernel_image(kdir: &Path) -> PathBuf {
+    std::fs::read_dir(kdir.join("boot"))
+        .expect("reading the kernel's boot directory")
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.starts_with("vmlinuz-") || n.starts_with("vmlinux-")
+        })
+        .expect("a vmlinuz-* in the unpacked kernel")
+}
+
+/// Builds a busybox initramfs with `tests/qemu/mkinitramfs.sh`: `init` as
+/// /init, the kernel's virtio disk modules, and `files` with their libraries.
+pub fn build_initramfs(kdir: &Path, init: &Path, out: &Path, files: &[&Path]) {
+    let mut cmd = Command::new(scripts().join("mkinitramfs.sh"));
+    cmd.arg(kdir).arg(init).arg(out).args(files);
+    super::util::sh(&mut cmd);
+}
+
+/// PC firmware.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Firmware {
+    /// OVMF (package ovmf), with a fresh copy of its variable store.
+    Uefi,
+    /// SeaBIOS, QEMU's default.
+    Bios,
+}
+
+/// How a boot ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// QEMU exited by itself (the guest powered off, or rebooted with
+    /// `-no-reboot`).
+    Exited,
+    /// The console printed this marker and the VM was killed there.
+    Stopped(String),
+    /// Nothing of the above before the timeout; the VM was killed.
+    TimedOut,
+}
+
+/// One boot: the console output and how it ended.
+#[derive(Debug)]
+pub struct Boot {
+    pub console: String,
+    pub ended: Ended,
+    pub secs: f64,
+}
+
+impl Boot {
+    /// The console without carriage returns and terminal escapes.
+    pub fn text(&self) -> String {
+        clean(&self.console)
+    }
+
+    /// The lines of the console that start with `prefix`.
+    pub fn lines_with(&self, prefix: &str) -> Vec<String> {
+        self.text()
+            .lines()
+            .filter_map(|l| l.find(prefix).map(|i| l[i..].to_string()))
+            .collect()
+    }
+}
+
+/// Removes `\r` and ANSI escape sequences.
+pub fn clean(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\r' => {}
+            '\u{1b}' => {
+                if chars.peek() == Some(&'[') {
+                    chars.next();
+                    while let Some(&n) = chars.peek() {
+                        chars.next();
+                        if n.is_ascii_alphabetic() {
+                            break;
+                        }
+                    }
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A QEMU virtual machine: the program and its arguments, the serial
+/// console on stdout.
+#[derive(Clone, Debug)]
+pub struct Vm {
+    pub program: String,
+    pub args: Vec<String>,
+    /// A boot taking longer than this is killed.
+    pub timeout: Duration,
+}
+
+impl Vm {
+    /// An x86_64 PC (q35, 512 MiB) booting `disk` (raw) through `firmware`,
+    /// the disk on NVMe (built into Debian's cloud kernel, so no initramfs
+    /// is needed to mount a slot). `work` holds the OVMF variable store.
+    pub fn x86_64(disk: &Path, firmware: Firmware, work: &Path) -> Vm {
+        let mut args: Vec<String> = ["-machine", "q35", "-m", "512", "-smp", "1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        if firmware == Firmware::Uefi {
+            let vars = work.join("OVMF_VARS.fd");
+            if !vars.exists() {
+                std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars)
+                    .expect("copying OVMF_VARS_4M.fd (install ovmf)");
+            }
+            args.extend([
+                "-drive".to_string(),
+                "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd".to_string(),
+                "-drive".to_string(),
+                format!("if=pflash,format=raw,file={}", vars.display()),
+            ]);
+        }
+        args.extend([
+            "-drive".to_string(),
+            format!("file={},if=none,id=disk0,format=raw", disk.display()),
+            "-device".to_string(),
+            "nvme,serial=abup0,drive=disk0".to_string(),
+        ]);
+        Vm {
+            program: "qemu-system-x86_64".to_string(),
+            args,
+            timeout: Duration::from_secs(150),
+        }
+    }
+
+    /// Boots once: runs QEMU with the serial console on stdout, no display,
+    /// `-no-reboot` (a reboot ends the run), until it exits, the console
+    /// shows one of `stop_at` (then it is killed: a power cut), or the
+    /// timeout.
+    pub fn boot(&self, stop_at: &[&str]) -> Boot {
+        let start = Instant::now();
+        let mut child = Command::new(&self.program)
+            .args(&self.args)
+            .args([
+                "-display",
+                "none",
+                "-serial",
+                "stdio",
+                "-monitor",
+                "none",
+                "-no-reboot",
+                "-net",
+                "none",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {} (install qemu): {e}", self.program));
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let reader = {
+            let out = out.clone();
+            let mut stdout = child.stdout.take().unwrap();
+            thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stdout.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    out.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            })
+        };
+        let ended = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let _ = status;
+                break Ended::Exited;
+            }
+            let seen = clean(&String::from_utf8_lossy(&out.lock().unwrap()));
+            if let Some(m) = stop_at.iter().find(|m| seen.contains(**m)) {
+                let _ = child.kill();
+                let _ = child.wait();
+                break Ended::Stopped(m.to_string());
+            }
+            if start.elapsed() > self.timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                break Ended::TimedOut;
+            }
+            thread::sleep(Duration::from_millis(100));
+        };
+        let _ = reader.join();
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        let mut console = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+        if !err.trim().is_empty() {
+            console += &format!("\n[qemu stderr] {err}");
+        }
+        Boot {
+            console,
+            ended,
+            secs: start.elapsed().as_secs_f64(),
+        }
+    }
+}
