@@ -167,11 +167,10 @@ impl Vm {
         let start = Instant::now();
         let mut child = Command::new(&self.program)
             .args(&self.args)
+            // -nographic (not -display none): SeaBIOS then mirrors its and
+            // GRUB's screen to the serial port too.
             .args([
-                "-display",
-                "none",
-                "-serial",
-                "stdio",
+                "-nographic",
                 "-monitor",
                 "none",
                 "-no-reboot",
