@@ -84,7 +84,8 @@ fn is_symlink(p: &Path) -> bool {
 /// Overwrites the whole of `file` (opened read-write) with `data`, which
 /// must be exactly as long as the file, then flushes it to the disk
 /// (`fdatasync`). The file keeps its data blocks; nothing is renamed.
-pub fn overwrite_in_place(file: &File, data: &[u8], shown: &str) -> Result<()> {
+/// `name` is the file's name, for fail points.
+pub fn overwrite_in_place(file: &File, name: &str, data: &[u8], shown: &str) -> Result<()> {
     let len = file
         .metadata()
         .with_context(|| format!("{shown}: reading its size"))?
@@ -95,9 +96,23 @@ pub fn overwrite_in_place(file: &File, data: &[u8], shown: &str) -> Result<()> {
             data.len()
         );
     }
-    file.write_all_at(data, 0)
+    // Fail points (see crate::failpoint), with F the file name: `write:F`
+    // before the write, `fsync:F` between write and flush; during the flip
+    // also `flip-before-rename` / `flip-after-rename` (named for the
+    // crash matrix: before the new bytes are in the file, and after).
+    let flip = crate::signal::flipping();
+    let point = |p: &str| crate::failpoint::hit(&format!("{p}:{name}"));
+    if flip {
+        crate::failpoint::hit("flip-before-rename")?;
+    }
+    point("write")
+        .and_then(|_| file.write_all_at(data, 0))
         .with_context(|| format!("{shown}: writing"))?;
-    file.sync_data()
+    if flip {
+        crate::failpoint::hit("flip-after-rename")?;
+    }
+    point("fsync")
+        .and_then(|_| file.sync_data())
         .with_context(|| format!("{shown}: flushing to disk"))?;
     Ok(())
 }

@@ -360,7 +360,11 @@ impl GrubEnv {
         if current == data {
             return Ok(false);
         }
-        bootfile::overwrite_in_place(&file, &data, &format!("grub backend: {shown}"))?;
+        let file_name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        bootfile::overwrite_in_place(&file, &file_name, &data, &format!("grub backend: {shown}"))?;
         Ok(true)
     }
 }

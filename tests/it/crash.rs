@@ -426,10 +426,11 @@ const EIO_POINTS: &[(&str, i32, &str, bool)] = &[
     ("write:slots.json@2", 1, "record", false),
     ("fsync:slots.json@2", 1, "record", false),
     ("rename:slots.json@2", 1, "record", false),
-    ("fsync:grubenv", 1, "activate", false),
-    ("rename:grubenv", 1, "activate", false),
-    // After the rename: the flip is in place, only not confirmed durable.
-    ("fsync-dir:grubenv", 6, "activate", true),
+    ("write:grubenv", 1, "activate", false),
+    // The grubenv is rewritten in place (what GRUB reads without journal
+    // replay): once written, the flip is in place, only not confirmed
+    // durable until its flush.
+    ("fsync:grubenv", 6, "activate", true),
 ];
 
 #[test]

@@ -58,9 +58,16 @@ cp "$cfg" "$mnt/grub/grub.cfg"
 grub-editenv "$mnt/grub/grubenv" create
 grub-editenv "$mnt/grub/grubenv" set ORDER="A B" A_OK=0 A_TRY=0 B_OK=0 B_TRY=0 ABUP_MAX_TRIES=3
 
+# The embedded early config finds the boot partition, and exports the one
+# setting the tests need (grub.cfg stays the repo's, byte for byte): the
+# kernel console on the serial port the tests read, and no_timer_check,
+# because under TCG on a loaded host the kernel's IO-APIC timer check can
+# fail and panic before init runs.
 cat >"$work/early.cfg" <<CFG
 search --no-floppy --fs-uuid --set=root $uuid
 set prefix=(\$root)/grub
+set ABUP_CMDLINE="ro rootwait panic=10 console=ttyS0 no_timer_check"
+export ABUP_CMDLINE
 CFG
 modules="part_gpt ext2 search search_fs_uuid normal configfile"
 
