@@ -230,3 +230,53 @@ impl Vm {
         }
     }
 }
+
+/// The kernel download and the initramfs builder work together: a busybox
+/// initramfs loads the kernel's virtio disk modules (after their
+/// dependencies) and sees its disk.
+#[test]
+fn initramfs_loads_the_virtio_disk_stack() {
+    super::util::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let kdir = fetch_kernel("amd64");
+    let init = dir.path().join("init");
+    std::fs::write(
+        &init,
+        "#!/bin/sh\nmount -t proc proc /proc\nmount -t devtmpfs dev /dev\n\
+         for m in $(cat /etc/modules); do insmod $m; done\nsleep 1\n\
+         echo \"INITRAMFS-DISK $(ls /dev/vda)\"\npoweroff -f\n",
+    )
+    .unwrap();
+    let initrd = dir.path().join("initrd.gz");
+    build_initramfs(&kdir, &init, &initrd, &[]);
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let vm = Vm {
+        program: "qemu-system-x86_64".to_string(),
+        args: vec![
+            "-machine".into(),
+            "q35".into(),
+            "-m".into(),
+            "512".into(),
+            "-kernel".into(),
+            kernel_image(&kdir).display().to_string(),
+            "-initrd".into(),
+            initrd.display().to_string(),
+            "-append".into(),
+            "console=ttyS0 panic=1 no_timer_check quiet".into(),
+            "-drive".into(),
+            format!("file={},if=virtio,format=raw", disk.display()),
+        ],
+        timeout: Duration::from_secs(150),
+    };
+    let boot = vm.boot(&["INITRAMFS-DISK"]);
+    assert!(
+        boot.text().contains("INITRAMFS-DISK /dev/vda"),
+        "{:?}:\n{}",
+        boot.ended,
+        boot.text()
+    );
+}
