@@ -202,9 +202,7 @@ fn transaction(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
             short(&header.bundle_sha256),
             manifest.version
         );
-        for step in [
-            "mark-bad", "write", "verify", "preserve", "migrate",
-        ] {
+        for step in ["mark-bad", "write", "verify", "preserve", "migrate"] {
             rep.skip(step, &why);
         }
         rep.step("boot-files", Write, || boot_files(&sys, target))?;
