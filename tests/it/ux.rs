@@ -66,7 +66,10 @@ fn image_bundle(env: &Env, version: &str, compression: &str) -> std::path::PathB
     let img = env.path("rootfs.img");
     let f = fs::File::create(&img).unwrap();
     f.set_len(8 * MIB).unwrap();
-    sh(Command::new("mkfs.ext4").args(["-q", "-F", s(&img)]));
+    // Holding the kernel grub.cfg boots, or install refuses to activate it.
+    let tree = env.path("image-tree");
+    write(&tree, "boot/vmlinuz", "test kernel\n", 0o644);
+    sh(Command::new("mkfs.ext4").args(["-q", "-F", "-d", s(&tree), s(&img)]));
     env.bundle(Source::Image(&img), version, compression)
 }
 
