@@ -18,10 +18,10 @@ mod crash;
 mod format;
 #[path = "it/fuzz_replay.rs"]
 mod fuzz_replay;
-#[path = "it/hostile.rs"]
-mod hostile;
 #[path = "it/grub_boot.rs"]
 mod grub_boot;
+#[path = "it/hostile.rs"]
+mod hostile;
 #[path = "it/install.rs"]
 mod install;
 #[path = "it/migrate.rs"]
