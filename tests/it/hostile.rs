@@ -735,7 +735,11 @@ fn misassembled_bundles_are_refused_before_writing() {
 #[test]
 fn signatures_that_do_not_belong_are_refused() {
     let (env, canary) = setup();
-    let tar = tar_of(&[("etc/hostname", b'0', "", b"device\n")]);
+    let tar = tar_of(&[
+        ("etc/hostname", b'0', "", b"device\n"),
+        // The kernel grub.cfg boots: without it install refuses to activate.
+        ("boot/vmlinuz", b'0', "", b"kernel\n"),
+    ]);
     let genuine = Parts::new(&env, "tar", &tar, |_| {});
 
     // A valid signature, over another manifest (same key).
@@ -798,6 +802,7 @@ fn duplicate_entries_never_write_through_an_earlier_symlink() {
         ("etc/passwd", b'0', "", b"root:x:0:0::/root:/bin/sh\n"),
         ("etc/hostname", b'0', "", b"first\n"),
         ("etc/hostname", b'0', "", b"second\n"),
+        ("boot/vmlinuz", b'0', "", b"kernel\n"),
     ]);
     let bundle = Parts::new(&env, "tar", &tar, |_| {}).write(&env);
     let before = world(&env, &canary);
@@ -873,8 +878,10 @@ fn a_raw_slot_is_compared_with_the_signed_hash_before_the_shortcut() {
     let img = env.path("rootfs.ext4");
     let tree = env.path("tree");
     simple_rootfs(&tree, "1.0.0");
+    // Labelled as grub.cfg searches for slot B, so the slot is the image
+    // byte for byte (abup relabels any other label after the write).
     sh(std::process::Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
+        .args(["-q", "-F", "-L", "abup-B", "-d"])
         .arg(&tree)
         .arg(&img)
         .arg("8M"));
