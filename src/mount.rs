@@ -248,7 +248,7 @@ impl TempMount {
             return Ok(());
         };
         sync_fs(&dir)?;
-        nix::mount::umount2(&dir, MntFlags::empty())
+        umount_retrying(&dir)
             .with_context(|| format!("unmounting {} from {}", self.dev.display(), dir.display()))?;
         self.dir = None;
         fs::remove_dir(&dir).with_context(|| format!("removing mount point {}", dir.display()))?;
@@ -263,8 +263,8 @@ impl Drop for TempMount {
         };
         // Best effort: nobody can see errors here, so try hard and warn.
         let _ = sync_fs(&dir);
-        let unmounted = nix::mount::umount2(&dir, MntFlags::empty())
-            .or_else(|_| nix::mount::umount2(&dir, MntFlags::MNT_DETACH));
+        let unmounted =
+            umount_retrying(&dir).or_else(|_| nix::mount::umount2(&dir, MntFlags::MNT_DETACH));
         match unmounted {
             Ok(()) => {
                 let _ = fs::remove_dir(&dir);
@@ -277,6 +277,25 @@ impl Drop for TempMount {
                     dir.display()
                 );
             }
+        }
+    }
+}
+
+/// `umount2(dir)`, retried for about a second while it says EBUSY.
+///
+/// A filesystem is briefly busy when another thread of this process forks a
+/// child (the child holds copies of every fd until it execs) or a probe
+/// (udev, blkid) looks at it; such holds end by themselves, so waiting beats
+/// failing the step or detaching lazily.
+fn umount_retrying(dir: &Path) -> nix::Result<()> {
+    let mut tries = 0;
+    loop {
+        match nix::mount::umount2(dir, MntFlags::empty()) {
+            Err(nix::errno::Errno::EBUSY) if tries < 20 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other,
         }
     }
 }
