@@ -20,7 +20,7 @@
 //! refused, as are more than [`MAX_FOLLOWS`] symlinks in one path (a loop).
 
 use anyhow::{bail, ensure, Context, Result};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs;
 use std::path::{Component, Path, PathBuf};
@@ -57,6 +57,10 @@ pub struct Step {
 #[derive(Debug, Default)]
 pub struct Tree {
     nodes: HashMap<PathBuf, Node>,
+    /// Real paths of the non-directories this archive made so far: a second
+    /// entry at one of them is a duplicate (refused), while a non-directory
+    /// that was there before the archive ([`Tree::scan`]) is replaced.
+    from_archive: HashSet<PathBuf>,
 }
 
 impl Tree {
@@ -183,9 +187,14 @@ impl Tree {
         let mut step = self.place(rel)?;
         match self.nodes.get(&step.path) {
             Some(Node::Dir) => bail!("{} exists and is a directory", step.path.display()),
+            Some(_) if self.from_archive.contains(&step.path) => bail!(
+                "{} appears twice in the archive; rebuild the payload without duplicate entries",
+                step.path.display()
+            ),
             Some(_) => step.replace = true,
             None => {}
         }
+        self.from_archive.insert(step.path.clone());
         self.nodes.insert(step.path.clone(), node);
         Ok(step)
     }
@@ -296,7 +305,8 @@ mod tests {
             .to_string();
         assert_eq!(err, "d exists and is a directory");
         assert!(!t.leaf(&p("f"), Node::Other).unwrap().replace);
-        assert!(t.leaf(&p("f"), Node::Other).unwrap().replace);
+        let err = t.leaf(&p("f"), Node::Other).unwrap_err().to_string();
+        assert!(err.starts_with("f appears twice in the archive"), "{err}");
         let err = t.dir(&p("f")).unwrap_err().to_string();
         assert_eq!(err, "f exists and is not a directory");
         let err = t.leaf(&p("f/x"), Node::Other).unwrap_err().to_string();
@@ -306,6 +316,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert_eq!(err, "lost+found exists and is a directory");
+    }
+
+    #[test]
+    fn a_file_already_in_the_root_is_replaced_once() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("f"), b"old").unwrap();
+        let mut t = Tree::scan(dir.path()).unwrap();
+        assert!(t.leaf(&p("f"), Node::Other).unwrap().replace);
+        assert!(t.leaf(&p("f"), Node::Other).is_err());
     }
 
     #[test]
