@@ -55,10 +55,19 @@ cleanup() {
 trap cleanup EXIT
 
 # ---------------------------------------------------------------- inputs
+# Inputs made by an older version of this script are rebuilt: version 2
+# puts a /boot/vmlinuz in every image (install refuses a slot GRUB's
+# grub.cfg could not boot).
+CACHE_VERSION=2
+if [ "$(cat cache.version 2>/dev/null)" != "$CACHE_VERSION" ]; then
+    rm -rf tree tree4 ./*.done ./*.ext4 ./*.ext4.zst ./*.ext4.gz ./*.abup tree.tar
+    echo "$CACHE_VERSION" > cache.version
+fi
 if [ ! -f tree.done ]; then
     echo "==> copying a tree from /usr"
     rm -rf tree && mkdir -p tree/usr
     cp -a /usr/share /usr/sbin /usr/libexec tree/usr/
+    mkdir -p tree/boot && printf 'not a kernel\n' > tree/boot/vmlinuz
     touch tree.done
 fi
 if [ ! -f img1.done ]; then
@@ -71,6 +80,7 @@ if [ ! -f img4.done ]; then
     echo "==> 4 GiB ext4 image (four copies of the tree)"
     rm -rf tree4 && mkdir tree4
     for i in 1 2 3 4; do cp -a --reflink=auto tree "tree4/copy$i"; done
+    mkdir -p tree4/boot && cp tree/boot/vmlinuz tree4/boot/
     rm -f img4.ext4 && truncate -s 4G img4.ext4
     mkfs.ext4 -q -F -d tree4 img4.ext4
     rm -rf tree4
