@@ -1,8 +1,11 @@
 //! The data partition's staging area: data changes a new slot's migrations
 //! make wait there until that slot is blessed.
 //!
-//! Migrations write into `.abup-staging/<slot>/` on the data partition
-//! (`[data]` in the config). Each top-level entry there replaces the entry
+//! Migrations write into a scratch directory of the new root while the data
+//! partition (`[data]` in the config) is mounted read-only; once all of them
+//! succeeded, [`stage`] copies what they wrote to `.abup-staging/<slot>/` on
+//! the data partition. A failed install never writes the data partition.
+//! Each top-level entry there replaces the entry
 //! of the same name on the data partition when `mark-good` blesses the slot
 //! (commit: the old entry is moved to `.abup-staging/<slot>.old/`, the
 //! staged one renamed into place, then the old ones removed — a commit cut
@@ -65,6 +68,55 @@ fn clear_record(state_dir: &Path) -> Result<()> {
     }
 }
 
+/// The configured data partition's device, if there is one.
+fn data_device(sys: &System) -> Result<Option<(String, PartDevice)>> {
+    let Some(part) = &sys.cfg.data else {
+        return Ok(None);
+    };
+    let info = sys
+        .disk
+        .find(part)
+        .context("finding the data partition")?
+        .clone();
+    Ok(Some((part.to_string(), sys.disk.device(&info)?)))
+}
+
+/// After the migrations succeeded: copies what they left in `scratch` (on
+/// the new root) into `.abup-staging/<slot>` on the data partition and
+/// records it. Nothing staged: the data partition is not even mounted. A
+/// copy cut short is removed again. Returns the staged names.
+pub fn stage(sys: &System, slot: SlotName, version: &str, scratch: &Tree) -> Result<Vec<String>> {
+    let names = list(scratch.fd()).context("listing the staged data")?;
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let Some(dm) = DataMount::open(sys)? else {
+        return Ok(Vec::new());
+    };
+    let copied = dm.fresh(slot).and_then(|_| {
+        let to = dm
+            .tree
+            .subtree(OsStr::new(STAGING), "data partition")?
+            .subtree(OsStr::new(slot.as_str()), "data staging area")?;
+        super::preserve::copy_all(scratch, &to).with_context(|| {
+            format!("copying the staged data to {STAGING}/{slot} on the data partition")
+        })
+    });
+    let staged = match copied {
+        Ok(_) => finish(sys, &dm, slot, version),
+        Err(e) => match dm.remove(slot) {
+            Ok(()) => Err(e),
+            Err(r) => Err(e.context(format!(
+                "(the partial copy {STAGING}/{slot} could not be removed either: {r:#}; remove it by hand)"
+            ))),
+        },
+    };
+    let closed = dm.close();
+    let staged = staged?;
+    closed?;
+    Ok(staged)
+}
+
 /// The data partition, mounted read-write for the time of a job.
 pub struct DataMount {
     pub tree: Tree,
@@ -75,17 +127,33 @@ pub struct DataMount {
 impl DataMount {
     /// Mounts the configured data partition; `None` when there is none.
     pub fn open(sys: &System) -> Result<Option<DataMount>> {
-        let Some(part) = &sys.cfg.data else {
+        DataMount::mount(sys, Access::ReadWrite)
+    }
+
+    /// Mounts the configured data partition read-only, for migrations to
+    /// read: nothing is written to its block device. When the running
+    /// system has it mounted read-write, the kernel refuses a second,
+    /// read-only mount (EBUSY); it is then mounted read-write, sharing the
+    /// running system's mount, and abup still writes nothing through it
+    /// (the sandbox sees it read-only).
+    pub fn open_to_read(sys: &System) -> Result<Option<DataMount>> {
+        DataMount::mount(sys, Access::ReadOnly)
+    }
+
+    fn mount(sys: &System, access: Access) -> Result<Option<DataMount>> {
+        let Some((part, dev)) = data_device(sys)? else {
             return Ok(None);
         };
-        let info = sys
-            .disk
-            .find(part)
-            .context("finding the data partition")?
-            .clone();
-        let dev = sys.disk.device(&info)?;
-        let mount = TempMount::ext4(&dev.path, Access::ReadWrite)
-            .with_context(|| format!("mounting the data partition {part}"))?;
+        let mount = match TempMount::ext4(&dev.path, access) {
+            Err(e)
+                if access == Access::ReadOnly
+                    && e.root_cause().downcast_ref() == Some(&nix::errno::Errno::EBUSY) =>
+            {
+                TempMount::ext4(&dev.path, Access::ReadWrite)
+            }
+            m => m,
+        }
+        .with_context(|| format!("mounting the data partition {part}"))?;
         let tree = Tree::open(mount.path(), "data partition")?;
         Ok(Some(DataMount {
             tree,

@@ -28,6 +28,7 @@ use anyhow::{Context, Result};
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 use rules::{Origin, RawRule, Rule};
+use std::ffi::OsStr;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -235,8 +236,13 @@ pub fn preserve_step(
 }
 
 /// The install's `migrate` step: runs the new image's migrations in their
-/// sandbox, records data they staged, and unmounts the new root. Any failure
-/// drops what was staged for the target and aborts before the flip.
+/// sandbox, stages the data they wrote, and unmounts the new root.
+///
+/// The data partition is only read while migrations run: they write into
+/// [`SCRATCH`] on the new root, shown to them as the staging area, and only
+/// once every migration succeeded is that copied to the data partition's
+/// staging area. A failing or hanging migration thus leaves the data
+/// partition's block device as it was. Any failure aborts before the flip.
 pub fn migrate_step(
     sys: &System,
     target: SlotName,
@@ -249,52 +255,49 @@ pub fn migrate_step(
             "the raw image holds no migrations (or is not ext4)",
         ));
     };
+    // Data an earlier install staged for the target is stale: the target
+    // was marked bad before it was written. Its record goes now, its
+    // directory at the next staging.
+    data::forget(sys, target)?;
     let new_tree = Tree::open(new.path(), "new root")?;
     let names = run::list(&new_tree)?;
-    // Without migrations, nothing is staged: the data partition is not even
-    // mounted, and an earlier attempt's staging for the target is dropped.
-    let data = if names.is_empty() {
-        data::forget(sys, target)?;
-        None
-    } else {
-        data::DataMount::open(sys)?
-    };
-    let staging = data.as_ref().map(|d| d.fresh(target)).transpose()?;
-    let ran = if names.is_empty() {
-        Ok((Vec::new(), String::new()))
-    } else {
-        run_all(
-            sys,
-            target,
-            new_version,
-            &new,
-            &new_tree,
-            &names,
-            &data,
-            staging.as_deref(),
-        )
-    };
-    let staged = match &data {
-        Some(dm) => {
-            if ran.is_err() {
-                dm.fresh(target)?;
-            }
-            data::finish(sys, dm, target, new_version)?
-        }
-        None => Vec::new(),
-    };
-    if let Some(dm) = data {
-        dm.close()?;
-    }
-    let (ran, old_what) = ran?;
-    drop(new_tree);
-    new.unmount()?;
-    if ran.is_empty() {
+    if names.is_empty() {
+        drop(new_tree);
+        new.unmount()?;
         return Ok(Done::unchanged(
             (),
             format!("no migrations in /{MIGRATE_DIR}"),
         ));
     }
+    let view = data::DataMount::open_to_read(sys)?;
+    let scratch = match &view {
+        Some(_) => Some(fresh_scratch(&new_tree)?),
+        None => None,
+    };
+    let ran = run_all(
+        sys,
+        target,
+        new_version,
+        &new,
+        &new_tree,
+        &names,
+        view.as_ref().map(|v| v.path()),
+        scratch.as_ref(),
+    );
+    let closed = view.map(|v| v.close()).transpose();
+    let staged = match (&ran, &scratch) {
+        (Ok(_), Some(s)) => data::stage(sys, target, new_version, s),
+        _ => Ok(Vec::new()),
+    };
+    drop(scratch);
+    let cleaned = tree::remove_at(new_tree.fd(), OsStr::new(SCRATCH))
+        .with_context(|| format!("removing /{SCRATCH} from the new root"));
+    let (ran, old_what) = ran?;
+    let staged = staged?;
+    closed?;
+    cleaned?;
+    drop(new_tree);
+    new.unmount()?;
     let list: Vec<String> = ran
         .iter()
         .map(|r| format!("{} ({:.1} s)", r.name, r.secs))
@@ -313,6 +316,20 @@ pub fn migrate_step(
     Ok(Done::changed((), comment))
 }
 
+/// Where migrations' data changes collect on the new root while they run.
+pub const SCRATCH: &str = ".abup-data-staging";
+
+/// An empty [`SCRATCH`] directory on the new root (one the image brought
+/// is removed first).
+fn fresh_scratch(new: &Tree) -> Result<Tree> {
+    let name = OsStr::new(SCRATCH);
+    let creating = || format!("creating /{SCRATCH} on the new root for the staged data");
+    tree::remove_at(new.fd(), name).with_context(creating)?;
+    nix::sys::stat::mkdirat(Some(new.fd()), name, Mode::from_bits_truncate(0o755))
+        .with_context(creating)?;
+    new.subtree(name, "staged data")
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_all(
     sys: &System,
@@ -321,8 +338,8 @@ fn run_all(
     new: &TempMount,
     new_tree: &Tree,
     names: &[String],
-    data: &Option<data::DataMount>,
-    staging: Option<&Path>,
+    data: Option<&Path>,
+    scratch: Option<&Tree>,
 ) -> Result<(Vec<run::Ran>, String)> {
     let old = old_root(sys, target)?;
     let (old_path, old_what) = match &old {
@@ -339,8 +356,8 @@ fn run_all(
     let sb = run::Sandbox {
         new_root: new.path(),
         old_root: old_path,
-        data: data.as_ref().map(|d| d.path()),
-        staging,
+        data,
+        staging: scratch,
         vars,
         timeout: sys.cfg.migrate_timeout,
     };

@@ -48,6 +48,38 @@ pub fn apply(rules: &[Rule], old: &Tree, new: &Tree) -> Result<Outcome> {
     Ok(out)
 }
 
+/// Copies every entry of `from` into `to` as it is (symlinks kept,
+/// directories replaced, owner, mode, timestamps and xattrs kept); returns
+/// the number of entries written.
+pub fn copy_all(from: &Tree, to: &Tree) -> Result<u64> {
+    let rule = Rule {
+        path: PathBuf::from("/"),
+        missing: Missing::Error,
+        symlinks: Symlinks::Keep,
+        wins: Wins::Device,
+        directory: DirMode::Replace,
+        origin: Origin::Image,
+    };
+    let mut c = Copier {
+        old: from,
+        rule: &rule,
+        entries: 0,
+        kept: false,
+    };
+    for name in list(from.fd()).with_context(|| format!("listing {}", from.path().display()))? {
+        crate::signal::check()?;
+        let shown = Path::new("/").join(&name);
+        let Some(st) = lstat_at(from.fd(), &name)
+            .with_context(|| format!("reading {} in the {}", shown.display(), from.what))?
+        else {
+            continue;
+        };
+        let src = Source::at(from, &rule, from.fd(), &name, st, &shown)?;
+        c.copy(&src, to.fd(), &name, &shown, 0)?;
+    }
+    Ok(c.entries)
+}
+
 fn apply_rule(rule: &Rule, old: &Tree, new: &Tree, out: &mut Outcome) -> Result<()> {
     let paths = expand(old, &rule.path)?;
     if paths.is_empty() {

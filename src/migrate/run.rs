@@ -49,7 +49,10 @@ pub struct Sandbox<'a> {
     pub new_root: &'a Path,
     pub old_root: Option<&'a Path>,
     pub data: Option<&'a Path>,
-    pub staging: Option<&'a Path>,
+    /// The staging area, held open: what is bound is checked to be this
+    /// very directory, so a migration that swapped it for a symlink cannot
+    /// redirect the next one's writable bind mount.
+    pub staging: Option<&'a Tree>,
     /// `ABUP_*` variables besides the paths.
     pub vars: Vec<(String, String)>,
     pub timeout: Duration,
@@ -130,7 +133,18 @@ pub fn run(sb: &Sandbox, new: &Tree, name: &str) -> Result<Ran> {
             .collect::<Result<Vec<_>>>()?,
         old: sb.old_root.map(cstr).transpose()?,
         data: sb.data.map(cstr).transpose()?,
-        staging: sb.staging.map(cstr).transpose()?,
+        staging: match sb.staging {
+            Some(t) => {
+                let st = nix::sys::stat::fstat(t.fd()).context("reading the staging area")?;
+                Some((cstr(t.path())?, t.fd(), st.st_dev, st.st_ino))
+            }
+            None => None,
+        },
+        staging_fd: CString::new(format!(
+            "/proc/self/fd/{}",
+            sb.staging.map_or(-1, |t| t.fd())
+        ))
+        .unwrap_or_default(),
         tmpfs: CString::new("tmpfs").unwrap_or_default(),
         run_opts: CString::new("mode=0755,size=16m").unwrap_or_default(),
         dot: CString::new(".").unwrap_or_default(),
@@ -235,7 +249,10 @@ struct Paths {
     nodes: Vec<CString>,
     old: Option<CString>,
     data: Option<CString>,
-    staging: Option<CString>,
+    /// Path, descriptor number to bind it through, device and inode.
+    staging: Option<(CString, libc::c_int, u64, u64)>,
+    /// `/proc/self/fd/N` for the staging area's descriptor.
+    staging_fd: CString,
     tmpfs: CString,
     run_opts: CString,
     dot: CString,
@@ -257,6 +274,10 @@ const DROPPED_CAPS: [libc::c_int; 12] = [
     38, // CAP_PERFMON
     39, // CAP_BPF
 ];
+
+fn check_fd(r: libc::c_int) -> std::io::Result<libc::c_int> {
+    check(r).map(|()| r)
+}
 
 fn check(r: libc::c_int) -> std::io::Result<()> {
     if r < 0 {
@@ -316,15 +337,29 @@ fn confine(p: &Paths) -> std::io::Result<()> {
         ))?;
         umask(0o022);
         check(mkdir(p.run_abup.as_ptr(), 0o755))?;
-        for (src, dst, rw) in [
-            (&p.old, &p.old_at, false),
-            (&p.data, &p.data_at, false),
-            (&p.staging, &p.staging_at, true),
-        ] {
+        for (src, dst) in [(&p.old, &p.old_at), (&p.data, &p.data_at)] {
             if let Some(src) = src {
                 check(mkdir(dst.as_ptr(), 0o755))?;
-                bind(src, dst, rw)?;
+                bind(src, dst, false)?;
             }
+        }
+        if let Some((path, fd, dev, ino)) = &p.staging {
+            // Reopened in this namespace (a handle from the parent's cannot
+            // be bound), not following a symlink, and checked to be the
+            // directory the parent holds, then bound through the handle.
+            let again = check_fd(open(
+                path.as_ptr(),
+                O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC,
+            ))?;
+            let mut st: stat = std::mem::zeroed();
+            check(fstat(again, &mut st))?;
+            if st.st_dev != *dev || st.st_ino != *ino {
+                return Err(std::io::Error::from_raw_os_error(ESTALE));
+            }
+            check(dup3(again, *fd, O_CLOEXEC))?;
+            check(close(again))?;
+            check(mkdir(p.staging_at.as_ptr(), 0o755))?;
+            bind(&p.staging_fd, &p.staging_at, true)?;
         }
         check(mount(
             p.tmpfs.as_ptr(),

@@ -144,6 +144,15 @@ impl Tree {
         self.fd.as_raw_fd()
     }
 
+    /// The directory `name` of this tree (a real directory, never followed
+    /// through a symlink) as a tree of its own.
+    pub fn subtree(&self, name: &OsStr, what: &'static str) -> Result<Tree> {
+        let real = self.real.join(name);
+        let fd = open_dir_at(self.fd(), name)
+            .with_context(|| format!("opening the {what} {}", real.display()))?;
+        Ok(Tree { fd, real, what })
+    }
+
     /// The tree's path on the host.
     pub fn path(&self) -> &Path {
         &self.real

@@ -77,6 +77,27 @@ fn data_tree(env: &Env) -> String {
     )))
 }
 
+/// Every path under `dir` with type, inode, mode, owner, size, mtime,
+/// ctime and, for files, a content hash: any change to a file, its metadata
+/// (xattrs included, through the ctime) or the directories shows.
+fn tree_strict(dir: &Path) -> String {
+    sh(Command::new("sh").arg("-c").arg(format!(
+        "cd '{}' && find . -printf '%p %y %i %m %U:%G %s %T@ %C@\n' -exec sh -c 'test -f \"$1\" && sha256sum \"$1\" || true' _ {{}} \\; | LC_ALL=C sort",
+        s(dir)
+    )))
+}
+
+/// The data partition as the old slot must find it after a refused or
+/// failed install: its block device byte for byte.
+fn data_bytes(env: &Env) -> String {
+    env.disk.sha256_of_partition("data")
+}
+
+/// A config with the data partition.
+fn data_config(env: &Env) -> std::path::PathBuf {
+    env.config_with(|o| o.extra = "[data]\npartlabel = \"data\"\n".to_string())
+}
+
 fn install_with(env: &Env, config: &Path, bundle: &Path) -> serde_json::Value {
     let run = env.abup_with(
         config,
@@ -647,12 +668,13 @@ fn a_failing_or_hanging_migration_leaves_the_boot_settings_unflipped() {
     let env = Env::new();
     data_partition(&env, &[("app/db.json", "{\"schema\": 1}\n")]);
     let data_at_start = data_tree(&env);
+    let data_block = data_bytes(&env);
     let before = env.snapshot();
     let dir = rootfs_with_migrations(
         &env,
         "2.0.0",
         &[
-            ("10-ok", "#!/bin/sh\necho first ran > /etc/first-ran\n"),
+            ("10-ok", "#!/bin/sh\necho first ran > /etc/first-ran\necho staged > \"$ABUP_DATA_STAGING/from-10\"\n"),
             (
                 "20-broken",
                 "#!/bin/sh\necho staged > \"$ABUP_DATA_STAGING/half-done\"\necho \"checking $ABUP_OLD_VERSION -> $ABUP_NEW_VERSION\"\necho 'cannot convert /etc/app.conf' >&2\nexit 3\n",
@@ -674,24 +696,28 @@ fn a_failing_or_hanging_migration_leaves_the_boot_settings_unflipped() {
     );
     env.assert_untouched(&before);
     assert_eq!(data_tree(&env), data_at_start, "the data changed");
+    assert_eq!(
+        data_bytes(&env),
+        data_block,
+        "the data partition's block device changed"
+    );
     {
         let d = env.disk.mount("data", false);
-        assert!(
-            !d.path().join(".abup-staging/B").exists(),
-            "staged data kept"
-        );
+        assert!(!d.path().join(".abup-staging").exists(), "staged data kept");
     }
     let st = env.status(Some("A"));
     assert_eq!(st["primary"], "A", "{st:#}");
     assert_ne!(st["slots"]["B"]["state"], "trying", "{st:#}");
 
-    let config = env.config_with(|o| o.extra = "[migrate]\ntimeout_secs = 2\n".to_string());
+    let config = env.config_with(|o| {
+        o.extra = "[data]\npartlabel = \"data\"\n[migrate]\ntimeout_secs = 2\n".to_string()
+    });
     let dir = rootfs_with_migrations(
         &env,
         "2.0.1",
         &[(
             "10-hangs",
-            "#!/bin/sh\necho waiting forever\nsleep 1000 &\nsleep 1000\n",
+            "#!/bin/sh\necho waiting forever\necho half > \"$ABUP_DATA_STAGING/half\"\nsleep 1000 &\nsleep 1000\n",
         )],
     );
     let bundle = env.bundle(Source::Rootfs(&dir), "2.0.1", "zstd");
@@ -714,6 +740,12 @@ fn a_failing_or_hanging_migration_leaves_the_boot_settings_unflipped() {
         left.trim(),
         "0",
         "the migration's processes were not all killed"
+    );
+    assert_eq!(data_tree(&env), data_at_start, "the data changed");
+    assert_eq!(
+        data_bytes(&env),
+        data_block,
+        "a hanging migration changed the data partition's block device"
     );
 }
 
@@ -872,4 +904,178 @@ echo "converted to schema 2"
             assert!(st.json()["pending_data"].is_null(), "{st}");
         }
     }
+}
+
+/// Every kind of bad input, with a data partition configured and an image
+/// whose migrations stage data: a clear error, nothing flipped, and the
+/// booted slot, the boot settings and the data partition's block device
+/// byte-identical.
+#[test]
+fn bad_input_leaves_the_booted_slot_and_the_data_partition_byte_identical() {
+    let env = Env::new();
+    data_partition(&env, &[("app/db.json", "{\"schema\": 1}\n")]);
+    let data_block = data_bytes(&env);
+    let before = env.snapshot();
+    let stage = "#!/bin/sh\nset -e\necho v2 > \"$ABUP_DATA_STAGING/db\"\n";
+    let dir = rootfs_with_migrations(&env, "2.0.0", &[("10-stage", stage)]);
+    let good_image = env.bundle(Source::Rootfs(&dir), "2.0.0", "zstd");
+    let with_rules = |rules: &str| {
+        env.config_with(|o| {
+            o.preserve = vec![];
+            o.extra = format!("[data]\npartlabel = \"data\"\n{rules}");
+        })
+    };
+    let check = |what: &str, config: &Path, bundle: &Path, code: i32, needles: &[&str]| {
+        let run = env.abup_with(config, &["--booted-slot", "A", "install", s(bundle)], None);
+        run.failed(code, needles);
+        env.assert_untouched(&before);
+        assert_eq!(
+            data_bytes(&env),
+            data_block,
+            "{what}: the data partition's block device changed"
+        );
+        let st = env.status(Some("A"));
+        assert_eq!(st["primary"], "A", "{what}: {st:#}");
+        assert!(st["pending_data"].is_null(), "{what}: {st:#}");
+    };
+
+    // A rule with `..`.
+    let config = with_rules("[[preserve.rule]]\npath = \"/etc/../etc/shadow\"\n");
+    check(
+        "rule with ..",
+        &config,
+        &good_image,
+        3,
+        &["preserve.rule", "'..'"],
+    );
+
+    // A symlink out of the old root.
+    let hostname = env.running.join("etc/hostname");
+    let saved = read(&hostname);
+    fs::remove_file(&hostname).unwrap();
+    symlink("../../../../../../../../../../etc/passwd", &hostname).unwrap();
+    let config =
+        with_rules("[[preserve.rule]]\npath = \"/etc/hostname\"\nsymlinks = \"resolve\"\n");
+    check(
+        "old-root symlink out",
+        &config,
+        &good_image,
+        1,
+        &["/etc/hostname", "leads outside the old root"],
+    );
+    fs::remove_file(&hostname).unwrap();
+    fs::write(&hostname, saved).unwrap();
+
+    // A symlink out of the new root, in an image that would stage data.
+    let dir = rootfs_with_migrations(&env, "2.0.0", &[("10-stage", stage)]);
+    fs::remove_dir_all(dir.join("etc")).unwrap();
+    symlink("../../../../../../../../../../tmp", dir.join("etc")).unwrap();
+    let escaping = env.bundle(Source::Rootfs(&dir), "2.0.0", "zstd");
+    let config = with_rules("[[preserve.rule]]\npath = \"/etc/ssh/ssh_host_ed25519_key\"\n");
+    check(
+        "new-root symlink out",
+        &config,
+        &escaping,
+        1,
+        &["preserve", "leads outside the new root"],
+    );
+
+    // Migrations writing where they may not, after staging data: the live
+    // data, the old root, a device node.
+    let config = with_rules("");
+    for (name, body, needle) in [
+        (
+            "20-writes-live-data",
+            "echo pwned > \"$ABUP_DATA/app/db.json\"",
+            "Read-only file system",
+        ),
+        (
+            "20-writes-old-root",
+            "touch \"$ABUP_OLD_ROOT/etc/pwned\"",
+            "Read-only file system",
+        ),
+        ("20-makes-a-disk-node", "mknod /dev/sdz b 8 0", "mknod"),
+    ] {
+        let script = format!("#!/bin/sh\nset -e\n{body}\necho not reached\n");
+        let dir = rootfs_with_migrations(&env, "2.0.0", &[("10-stage", stage), (name, &script)]);
+        let bundle = env.bundle(Source::Rootfs(&dir), "2.0.0", "zstd");
+        check(
+            name,
+            &config,
+            &bundle,
+            1,
+            &["migrate", name, "exited with", needle],
+        );
+        assert!(!env.running.join("etc/pwned").exists());
+    }
+
+    // The same image without the bad input stages its data: the checks
+    // above could have seen a change.
+    install_with(&env, &config, &good_image);
+    assert_ne!(data_bytes(&env), data_block, "staging wrote nothing");
+}
+
+/// A data partition the running system has mounted read-write (as at
+/// /data): abup mounts it again and writes nothing through it until the
+/// migrations succeeded. A failing migration leaves every path, inode, mode,
+/// owner, size, mtime and ctime as it was; a succeeding one stages beside
+/// the live data.
+#[test]
+fn a_data_partition_the_running_system_has_mounted_keeps_its_tree() {
+    let env = Env::builder().sector(4096).kernel_partitions().build();
+    let node = env.disk.kernel_node(env.disk.part("data").number);
+    sh(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "data"])
+        .arg(&node));
+    let live = Mount::ext4(&node, true);
+    write(live.path(), "app/db.json", "{\"schema\": 1}\n", 0o600);
+    xattr::set(live.path().join("app/db.json"), "user.kept", b"1").unwrap();
+    sh(&mut Command::new("sync"));
+    let tree_at_start = tree_strict(live.path());
+    let before = env.snapshot();
+    let config = data_config(&env);
+    let dir = rootfs_with_migrations(
+        &env,
+        "2.0.0",
+        &[
+            (
+                "10-stage",
+                "#!/bin/sh\necho v2 > \"$ABUP_DATA_STAGING/db\"\n",
+            ),
+            (
+                "20-fails",
+                "#!/bin/sh\necho 'no space for the index' >&2\nexit 4\n",
+            ),
+        ],
+    );
+    let bundle = env.bundle(Source::Rootfs(&dir), "2.0.0", "zstd");
+    let run = env.abup_with(
+        &config,
+        &["--booted-slot", "A", "install", s(&bundle)],
+        None,
+    );
+    run.failed(1, &["20-fails", "exited with 4", "no space for the index"]);
+    env.assert_untouched(&before);
+    assert_eq!(
+        tree_strict(live.path()),
+        tree_at_start,
+        "the mounted data partition changed"
+    );
+
+    let dir = rootfs_with_migrations(
+        &env,
+        "2.0.0",
+        &[(
+            "10-stage",
+            "#!/bin/sh\nset -e\ntest \"$(cat $ABUP_DATA/app/db.json)\" = '{\"schema\": 1}'\necho v2 > \"$ABUP_DATA_STAGING/db\"\n",
+        )],
+    );
+    let bundle = env.bundle(Source::Rootfs(&dir), "2.0.0", "zstd");
+    let report = install_with(&env, &config, &bundle);
+    assert!(
+        step_comment(&report, "migrate").contains("data staged for slot B: db"),
+        "{report:#}"
+    );
+    assert_eq!(read(&live.path().join(".abup-staging/B/db")), "v2\n");
+    assert_eq!(read(&live.path().join("app/db.json")), "{\"schema\": 1}\n");
 }
