@@ -4,7 +4,7 @@
 //! new root. Each runs, in name order, with the new root as its `/`, so it
 //! uses the new image's own shell and tools:
 //!
-//! - a fresh mount, network, IPC and UTS namespace; the new root is
+//! - a fresh mount, PID, network, IPC and UTS namespace; the new root is
 //!   `pivot_root`ed to and the host's tree detached, so nothing of the host
 //!   is reachable;
 //! - writable: the new root, and the data staging area at
@@ -16,12 +16,12 @@
 //! - capabilities to mount, create device nodes, load modules, do raw I/O,
 //!   reboot, trace and administer the network are dropped, with
 //!   `no_new_privs`;
-//! - a time limit, after which the whole process group is killed; any
-//!   process left behind when the migration exits is killed too.
+//! - the migration is PID 1 of its PID namespace: when it exits, is killed
+//!   at the time limit, or abup dies, the kernel kills every process it
+//!   started, also those that left its session (`setsid`) or double-forked.
 //!
 //! What is not confined: a migration runs as root with the capabilities
-//! above left (chown, file ownership), and one that leaves its process group
-//! (`setsid`) escapes the kill.
+//! above left (chown, file ownership).
 
 use super::tree::{self, kind_of, lstat_at, Kind, Tree};
 use anyhow::{bail, Context, Result};
@@ -29,7 +29,7 @@ use std::ffi::CString;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -40,6 +40,10 @@ pub const OLD_ROOT_AT: &str = "/run/abup/old-root";
 pub const DATA_AT: &str = "/run/abup/data";
 /// Where the sandbox shows the data staging area, writable.
 pub const STAGING_AT: &str = "/run/abup/data-staging";
+
+/// How long after the time limit abup kills a sandbox whose own watch (see
+/// [`reap`]) did not end it.
+const BACKSTOP: Duration = Duration::from_secs(30);
 
 /// Lines of output kept for the report.
 const TAIL_LINES: usize = 20;
@@ -149,6 +153,10 @@ pub fn run(sb: &Sandbox, new: &Tree, name: &str) -> Result<Ran> {
         run_opts: CString::new("mode=0755,size=16m").unwrap_or_default(),
         dot: CString::new(".").unwrap_or_default(),
         slash: CString::new("/").unwrap_or_default(),
+        limit: libc::timespec {
+            tv_sec: sb.timeout.as_secs() as libc::time_t,
+            tv_nsec: libc::c_long::from(sb.timeout.subsec_nanos() as i32),
+        },
     };
     let mut log = tempfile::tempfile().context("creating a file for the migration's output")?;
     let program = PathBuf::from("/").join(super::MIGRATE_DIR).join(name);
@@ -186,35 +194,44 @@ pub fn run(sb: &Sandbox, new: &Tree, name: &str) -> Result<Ran> {
         .with_context(|| {
             format!("starting migration {shown} in its sandbox (the new root must hold its interpreter, e.g. /bin/sh)")
         })?;
-    let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+    // The child reaps the migration and enforces the time limit itself
+    // (see [`reap`]); this loop only watches for a signal to abup and, as a
+    // backstop, for a child that overstays.
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let kill_child = |child: &mut std::process::Child| {
+        // The migration's namespace dies with it (PR_SET_PDEATHSIG).
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        child.wait()
+    };
     let status = loop {
         if let Some(st) = child.try_wait().context("waiting for the migration")? {
-            break Some(st);
+            break st;
         }
-        if start.elapsed() >= sb.timeout {
-            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
-            let _ = child.wait();
-            break None;
+        if let Err(e) = crate::signal::check() {
+            let _ = kill_child(&mut child);
+            return Err(e);
+        }
+        if start.elapsed() >= sb.timeout + BACKSTOP {
+            break kill_child(&mut child).context("waiting for the migration")?;
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    // Whatever it left running in its process group goes too.
-    let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
     let secs = start.elapsed().as_secs_f64();
-    let outcome = match status {
-        Some(st) if st.success() => {
+    let outcome = match (status.code(), status.signal()) {
+        (Some(0), _) => {
             return Ok(Ran {
                 name: name.to_string(),
                 secs,
             })
         }
-        Some(st) => match st.code() {
-            Some(c) => format!("exited with {c} after {secs:.1} s"),
-            None => format!("was killed by a signal after {secs:.1} s"),
-        },
-        None => format!(
-            "did not finish within its time limit of {} s and was killed (migrate.timeout_secs)",
+        (Some(c), _) => format!("exited with {c} after {secs:.1} s"),
+        (None, Some(libc::SIGKILL)) if start.elapsed() >= sb.timeout => format!(
+            "did not finish within its time limit of {} s and was killed with everything it started (migrate.timeout_secs)",
             sb.timeout.as_secs()
+        ),
+        (None, sig) => format!(
+            "was killed by signal {} after {secs:.1} s",
+            sig.unwrap_or_default()
         ),
     };
     let tail = tail(&mut log)?;
@@ -257,6 +274,8 @@ struct Paths {
     run_opts: CString,
     dot: CString,
     slash: CString,
+    /// The time limit, for [`reap`].
+    limit: libc::timespec,
 }
 
 /// Capabilities dropped from the bounding set before the exec.
@@ -312,7 +331,7 @@ fn confine(p: &Paths) -> std::io::Result<()> {
     unsafe {
         check(setpgid(0, 0))?;
         check(unshare(
-            CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS,
+            CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWPID,
         ))?;
         check(mount(
             null,
@@ -386,6 +405,82 @@ fn confine(p: &Paths) -> std::io::Result<()> {
             }
         }
         check(prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+        // This process dies with abup; the migration, forked as PID 1 of
+        // the new PID namespace, dies with this process, and when PID 1
+        // dies the kernel kills every process of its namespace.
+        check(prctl(PR_SET_PDEATHSIG, SIGKILL as c_ulong, 0, 0, 0))?;
+        let pid = fork();
+        if pid < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if pid == 0 {
+            check(prctl(PR_SET_PDEATHSIG, SIGKILL as c_ulong, 0, 0, 0))?;
+            return Ok(());
+        }
+        reap(pid, &p.limit)
     }
-    Ok(())
+}
+
+/// Seconds and nanoseconds since `start` on the monotonic clock, compared
+/// with `limit`.
+fn past(start: &libc::timespec, limit: &libc::timespec) -> bool {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the struct it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let ns = |t: &libc::timespec| i128::from(t.tv_sec) * 1_000_000_000 + i128::from(t.tv_nsec);
+    ns(&now) - ns(start) >= ns(limit)
+}
+
+/// The sandbox's first process, after forking the migration as PID 1 of
+/// its PID namespace: waits for it and exits as it did (same exit code, or
+/// killed by the same signal). At the time limit it kills the migration,
+/// which takes every process of the namespace with it (`setsid` does not
+/// leave a PID namespace), waits until the kernel has reaped them all, and
+/// kills itself with SIGKILL. Only async-signal-safe calls: this runs
+/// between fork and exec.
+unsafe fn reap(pid: libc::pid_t, limit: &libc::timespec) -> ! {
+    use libc::*;
+    // Nothing of abup's stays open here: spawn's error pipe must close when
+    // the migration's exec succeeds.
+    syscall(SYS_close_range, 3 as c_uint, c_uint::MAX, 0 as c_uint);
+    let no_core = rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    setrlimit(RLIMIT_CORE, &no_core);
+    let mut start = timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    clock_gettime(CLOCK_MONOTONIC, &mut start);
+    let nap = timespec {
+        tv_sec: 0,
+        tv_nsec: 20_000_000,
+    };
+    let mut status: c_int = 0;
+    loop {
+        let r = waitpid(pid, &mut status, WNOHANG);
+        if r == pid {
+            break;
+        }
+        if r < 0 && *__errno_location() != EINTR {
+            _exit(127);
+        }
+        if past(&start, limit) {
+            kill(pid, SIGKILL);
+            while waitpid(pid, &mut status, 0) < 0 && *__errno_location() == EINTR {}
+            kill(getpid(), SIGKILL);
+        }
+        nanosleep(&nap, std::ptr::null_mut());
+    }
+    if WIFEXITED(status) {
+        _exit(WEXITSTATUS(status));
+    }
+    let sig = WTERMSIG(status);
+    signal(sig, SIG_DFL);
+    kill(getpid(), sig);
+    _exit(128 + sig)
 }

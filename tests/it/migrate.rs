@@ -459,7 +459,7 @@ fn bad_rules_are_refused_before_anything_is_written() {
 /// Programs the test migrations use, as busybox applets.
 const APPLETS: &[&str] = &[
     "sh", "awk", "tr", "sed", "md5sum", "mkdir", "chmod", "chown", "mv", "cat", "echo", "printf",
-    "ls", "sleep", "touch", "mknod", "mount", "rm", "test", "[",
+    "ls", "sleep", "touch", "mknod", "mount", "rm", "test", "[", "setsid",
 ];
 
 /// A rootfs for `version` holding busybox (the image's /bin/sh) and the
@@ -1078,4 +1078,58 @@ fn a_data_partition_the_running_system_has_mounted_keeps_its_tree() {
     );
     assert_eq!(read(&live.path().join(".abup-staging/B/db")), "v2\n");
     assert_eq!(read(&live.path().join("app/db.json")), "{\"schema\": 1}\n");
+}
+
+/// How many processes run `sleep <secs>` on the machine.
+fn sleepers(secs: u32) -> usize {
+    let out = sh(Command::new("ps").args(["-eo", "args"]));
+    out.lines()
+        .filter(|l| l.trim() == format!("sleep {secs}"))
+        .count()
+}
+
+/// The time limit kills everything a migration started, also processes
+/// that left its process group and session (`setsid`), and a migration that
+/// succeeds leaves nothing running behind it.
+#[test]
+fn the_time_limit_kills_what_a_migration_started_even_in_a_new_session() {
+    let env = Env::new();
+    let config = env.config_with(|o| o.extra = "[migrate]\ntimeout_secs = 2\n".to_string());
+    let dir = rootfs_with_migrations(
+        &env,
+        "2.0.0",
+        &[(
+            "10-hangs",
+            "#!/bin/sh\nsetsid sleep 1002 &\n( setsid sh -c 'sleep 1003 & sleep 1003' & )\necho spawned\nsleep 1001\n",
+        )],
+    );
+    let bundle = env.bundle(Source::Rootfs(&dir), "2.0.0", "zstd");
+    let before = env.snapshot();
+    let run = env.abup_with(
+        &config,
+        &["--booted-slot", "A", "install", s(&bundle)],
+        None,
+    );
+    run.failed(1, &["10-hangs", "time limit of 2 s", "spawned"]);
+    env.assert_untouched(&before);
+    for secs in [1001, 1002, 1003] {
+        assert_eq!(sleepers(secs), 0, "`sleep {secs}` outlived the time limit");
+    }
+
+    // A migration that succeeds while a detached process still runs.
+    let dir = rootfs_with_migrations(
+        &env,
+        "2.0.1",
+        &[(
+            "10-detaches",
+            "#!/bin/sh\nsetsid sleep 1004 &\necho detached > /etc/detached\n",
+        )],
+    );
+    let bundle = env.bundle(Source::Rootfs(&dir), "2.0.1", "zstd");
+    install_with(&env, &config, &bundle);
+    assert_eq!(
+        sleepers(1004),
+        0,
+        "a detached process outlived its migration"
+    );
 }
