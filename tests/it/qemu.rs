@@ -46,6 +46,11 @@ pub fn build_initramfs(kdir: &Path, init: &Path, out: &Path, files: &[&Path]) {
     super::util::sh(&mut cmd);
 }
 
+/// How long one boot may take before it is killed: about 20 times a quiet
+/// boot here (11-18 s under TCG), because on a loaded shared machine a boot
+/// takes several times as long. Only a boot that hangs ever reaches it.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(360);
+
 /// PC firmware.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Firmware {
@@ -67,12 +72,16 @@ pub enum Ended {
     TimedOut,
 }
 
-/// One boot: the console output and how it ended.
+/// One boot: the console output, when each part of it arrived, and how it
+/// ended.
 #[derive(Debug)]
 pub struct Boot {
     pub console: String,
     pub ended: Ended,
     pub secs: f64,
+    /// (end of a chunk of `console` in bytes, seconds since QEMU started
+    /// when it arrived), in order.
+    pub arrivals: Vec<(usize, f64)>,
 }
 
 impl Boot {
@@ -87,6 +96,38 @@ impl Boot {
             .lines()
             .filter_map(|l| l.find(prefix).map(|i| l[i..].to_string()))
             .collect()
+    }
+
+    /// Seconds after QEMU started at which the console held byte `end`.
+    fn arrived(&self, end: usize) -> f64 {
+        self.arrivals
+            .iter()
+            .find(|(e, _)| *e >= end)
+            .map_or(self.secs, |(_, t)| *t)
+    }
+
+    /// Seconds after QEMU started at which `marker` first showed on the
+    /// console.
+    pub fn secs_to(&self, marker: &str) -> Option<f64> {
+        self.console
+            .find(marker)
+            .map(|i| self.arrived(i + marker.len()))
+    }
+
+    /// The console, cleaned, each line prefixed with when it arrived
+    /// (`[  12.3] …`): where a slow or stuck boot spent its time.
+    pub fn timeline(&self) -> String {
+        let mut out = String::new();
+        let mut at = 0;
+        for line in self.console.split_inclusive('\n') {
+            at += line.len();
+            let text = clean(line);
+            let text = text.trim_end();
+            if !text.is_empty() {
+                out += &format!("[{:6.1}] {text}\n", self.arrived(at));
+            }
+        }
+        out
     }
 }
 
@@ -155,7 +196,7 @@ impl Vm {
         Vm {
             program: "qemu-system-x86_64".to_string(),
             args,
-            timeout: Duration::from_secs(150),
+            timeout: BOOT_TIMEOUT,
         }
     }
 
@@ -182,7 +223,8 @@ impl Vm {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {} (install qemu): {e}", self.program));
-        let out = Arc::new(Mutex::new(Vec::new()));
+        // The console as it arrives, with when each chunk came.
+        let out = Arc::new(Mutex::new((Vec::new(), Vec::new())));
         let reader = {
             let out = out.clone();
             let mut stdout = child.stdout.take().unwrap();
@@ -192,17 +234,29 @@ impl Vm {
                     if n == 0 {
                         break;
                     }
-                    out.lock().unwrap().extend_from_slice(&buf[..n]);
+                    let mut o = out.lock().unwrap();
+                    o.0.extend_from_slice(&buf[..n]);
+                    let end = o.0.len();
+                    o.1.push((end, start.elapsed().as_secs_f64()));
                 }
             })
         };
+        // Markers are searched in the bytes that arrived since the last
+        // look (plus a marker's length of overlap), not the whole console.
+        let overlap = stop_at.iter().map(|m| m.len()).max().unwrap_or(0);
+        let mut seen_to: usize = 0;
         let ended = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                let _ = status;
+            if child.try_wait().unwrap().is_some() {
                 break Ended::Exited;
             }
-            let seen = clean(&String::from_utf8_lossy(&out.lock().unwrap()));
-            if let Some(m) = stop_at.iter().find(|m| seen.contains(**m)) {
+            let found = {
+                let o = out.lock().unwrap();
+                let from = seen_to.saturating_sub(overlap);
+                let new = String::from_utf8_lossy(&o.0[from..]).into_owned();
+                seen_to = o.0.len();
+                stop_at.iter().find(|m| new.contains(**m)).copied()
+            };
+            if let Some(m) = found {
                 let _ = child.kill();
                 let _ = child.wait();
                 break Ended::Stopped(m.to_string());
@@ -214,19 +268,22 @@ impl Vm {
             }
             thread::sleep(Duration::from_millis(100));
         };
+        let secs = start.elapsed().as_secs_f64();
         let _ = reader.join();
         let mut err = String::new();
         if let Some(mut e) = child.stderr.take() {
             let _ = e.read_to_string(&mut err);
         }
-        let mut console = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+        let (bytes, arrivals) = std::mem::take(&mut *out.lock().unwrap());
+        let mut console = String::from_utf8_lossy(&bytes).into_owned();
         if !err.trim().is_empty() {
             console += &format!("\n[qemu stderr] {err}");
         }
         Boot {
             console,
             ended,
-            secs: start.elapsed().as_secs_f64(),
+            secs,
+            arrivals,
         }
     }
 }
@@ -270,7 +327,7 @@ fn initramfs_loads_the_virtio_disk_stack() {
             "-drive".into(),
             format!("file={},if=virtio,format=raw", disk.display()),
         ],
-        timeout: Duration::from_secs(150),
+        timeout: BOOT_TIMEOUT,
     };
     let boot = vm.boot(&["INITRAMFS-DISK"]);
     assert!(

@@ -56,7 +56,7 @@ cp /usr/lib/grub/x86_64-efi/*.mod /usr/lib/grub/x86_64-efi/*.lst "$mnt/grub/x86_
 cp /usr/lib/grub/i386-pc/*.mod /usr/lib/grub/i386-pc/*.lst /usr/lib/grub/i386-pc/boot.img "$mnt/grub/i386-pc/"
 cp "$cfg" "$mnt/grub/grub.cfg"
 grub-editenv "$mnt/grub/grubenv" create
-grub-editenv "$mnt/grub/grubenv" set ORDER="A B" A_OK=0 A_TRY=0 B_OK=0 B_TRY=0 ABUP_MAX_TRIES=3
+grub-editenv "$mnt/grub/grubenv" set ORDER="A B" A_OK=0 A_TRY=0 A_GOOD=0 B_OK=0 B_TRY=0 B_GOOD=0 ABUP_MAX_TRIES=3
 
 # The embedded early config finds the boot partition, and exports the one
 # setting the tests need (grub.cfg stays the repo's, byte for byte): the
