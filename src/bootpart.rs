@@ -7,8 +7,9 @@
 //! mount, is reached without mounting: `mshowfat` (mtools) names the clusters
 //! of the file, and abup rewrites those bytes of the partition in place.
 //!
-//! Only in-place rewrites of an existing file are offered, never create,
-//! grow or rename: on FAT a rename is not crash-atomic (the directory entry
+//! The handle itself offers only in-place rewrites of an existing file,
+//! never create, grow or rename (whole-file changes go through the journal
+//! of [`crate::bootfiles`], which reaches the same mount or device): on FAT a rename is not crash-atomic (the directory entry
 //! and the FAT are updated separately), and an in-place rewrite of the same
 //! clusters changes no metadata at all. Atomicity comes from the caller's
 //! format (U-Boot's redundant environment: two copies, the stale one
@@ -91,6 +92,21 @@ impl BootPart {
             _mount: mount,
             _device: device,
         })
+    }
+
+    /// Where the filesystem is mounted; None for FAT reached through mtools.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    /// The partition's block device.
+    pub fn device(&self) -> &Path {
+        &self.dev
+    }
+
+    /// Names the partition in messages.
+    pub fn describe(&self) -> &str {
+        &self.shown
     }
 
     /// Opens the existing file `rel` (relative to the partition's root).
@@ -205,6 +221,11 @@ impl PartFile {
         f.sync_all()
             .with_context(|| format!("syncing {}", self.describe()))
     }
+}
+
+/// The cluster size of the FAT filesystem on `dev`, in bytes.
+pub fn fat_cluster_bytes(dev: &Path) -> Result<u64> {
+    Ok(fat_geometry(dev)?.cluster_bytes)
 }
 
 /// FAT boot-sector geometry: where cluster `n` starts on the device.

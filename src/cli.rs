@@ -63,6 +63,9 @@ pub enum Command {
     },
     /// Make the other slot primary again, if it holds a good install.
     Rollback,
+    /// Finish or undo an interrupted boot-files update, and give the boot
+    /// partition the boot files of the slot that boots next.
+    Recover,
     /// Generate an ed25519 key pair for signing bundles.
     Keygen {
         /// Where to write the secret key (mode 0600; never overwritten).
@@ -183,6 +186,10 @@ pub struct CreateArgs {
     /// Free-text description stored in the manifest.
     #[arg(long)]
     pub description: Option<String>,
+    /// A directory of files for the shared boot partition (kernel, device
+    /// trees, boot scripts), added as the signed `boot-files` payload.
+    #[arg(long)]
+    pub boot_files: Option<PathBuf>,
     /// Output bundle file.
     #[arg(long, short)]
     pub output: PathBuf,

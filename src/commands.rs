@@ -48,6 +48,7 @@ pub fn run(cli: &Cli) -> Result<i32> {
         Command::MarkGood { slot } => control_run(cli, "mark-good", slot, control::mark_good),
         Command::MarkBad { slot } => control_run(cli, "mark-bad", slot, control::mark_bad),
         Command::MarkActive { slot } => control_run(cli, "mark-active", slot, control::mark_active),
+        Command::Recover => recover(cli),
         Command::Rollback => {
             control_run(cli, "rollback", "booted", |sys, _| control::rollback(sys))
         }
@@ -115,6 +116,9 @@ fn control_run(
         crate::errln!("note: {note}");
     }
     let mut sys = System::open(cfg, cli.booted_slot)?;
+    for note in crate::bootfiles::settle(&mut sys)? {
+        crate::errln!("note: {note}");
+    }
     let slot = sys.resolve(which)?;
     let mut rec = RunReport {
         command: verb.to_string(),
@@ -124,7 +128,16 @@ fn control_run(
         ..RunReport::default()
     };
     let start = std::time::Instant::now();
-    let result = f(&mut sys, slot).map_err(report::flip_outcome);
+    let result = f(&mut sys, slot).map_err(report::flip_outcome).map(|msg| {
+        // The boot files follow the slot that now boots next.
+        match crate::bootfiles::settle(&mut sys) {
+            Ok(notes) => std::iter::once(msg)
+                .chain(notes)
+                .collect::<Vec<_>>()
+                .join("; "),
+            Err(e) => format!("{msg}; warning: {e:#}"),
+        }
+    });
     let slot = match verb {
         "rollback" => slot.other(),
         _ => slot,
@@ -173,6 +186,77 @@ fn control_run(
     Ok(report::EXIT_OK)
 }
 
+/// `recover`: finishes or undoes an interrupted boot-files update and makes
+/// the boot files those of the slot that boots next.
+fn recover(cli: &Cli) -> Result<i32> {
+    system::require_root("abup recover")?;
+    let cfg = SystemConfig::load(&cli.config)?;
+    if cfg.boot_files.is_none() {
+        say(
+            cli,
+            "recover",
+            None,
+            "nothing to recover: the config has no [boot_files]",
+        );
+        return Ok(report::EXIT_OK);
+    }
+    let _lock = RunLock::acquire(&cfg, "recover")?;
+    for note in crate::leftovers::clean(&cfg.disk) {
+        crate::errln!("note: {note}");
+    }
+    let mut sys = System::open(cfg, cli.booted_slot)?;
+    let notes = crate::bootfiles::settle(&mut sys)?;
+    let msg = match notes.is_empty() {
+        true => "nothing to recover: no interrupted boot-files update, and the boot partition holds the boot files of the slot that boots next".to_string(),
+        false => notes.join("; "),
+    };
+    say(cli, "recover", None, &msg);
+    Ok(report::EXIT_OK)
+}
+
+/// The boot-files record for `status`, after recovering an interrupted
+/// update when no other run holds the lock (status is a run of any kind).
+fn boot_files_status(
+    cfg: &SystemConfig,
+    sys: &mut System,
+) -> Result<Option<crate::bootfiles::Status>> {
+    if cfg.boot_files.is_none() {
+        return Ok(None);
+    }
+    // Only a run that has something to repair takes the lock.
+    if crate::bootfiles::unsettled(sys)? {
+        if let Ok(_lock) = RunLock::acquire_unrecorded(cfg, "status") {
+            for note in crate::bootfiles::settle(sys)? {
+                crate::errln!("note: {note}");
+            }
+        }
+    }
+    crate::bootfiles::status(sys)
+}
+
+fn format_boot_files(bf: &crate::bootfiles::Status) -> String {
+    let live = bf
+        .live
+        .map_or("none recorded".to_string(), |s| format!("slot {s}'s"));
+    let mut out = format!("boot files: {live}");
+    if bf.interrupted {
+        out += " (an interrupted update is pending: run `abup recover`)";
+    }
+    out += "
+";
+    for (slot, set) in &bf.sets {
+        let version = match set.version.as_str() {
+            "" => "found on the partition".to_string(),
+            v => format!("version {v}"),
+        };
+        out += &format!(
+            "  slot {slot}: set {} ({} files, {version})\n",
+            set.id, set.files
+        );
+    }
+    out
+}
+
 /// Prints a one-line result, or a JSON object with `--json`.
 fn say(cli: &Cli, action: &str, slot: Option<SlotName>, msg: &str) {
     if cli.json {
@@ -190,15 +274,20 @@ fn status(cli: &Cli) -> Result<i32> {
     let cfg = SystemConfig::load(&cli.config)?;
     let state_dir = cfg.state_dir.clone();
     let root = nix::unistd::geteuid().is_root();
-    let st = if root {
-        Some(System::open(cfg.clone(), cli.booted_slot)?.status()?)
+    let (st, boot_files) = if root {
+        let mut sys = System::open(cfg.clone(), cli.booted_slot)?;
+        let boot_files = boot_files_status(&cfg, &mut sys)?;
+        (Some(sys.status()?), boot_files)
     } else {
-        None
+        (None, None)
     };
     let mut v = match &st {
         Some(st) => serde_json::to_value(st)?,
         None => limited_status(&cfg),
     };
+    if let (Some(obj), Some(bf)) = (v.as_object_mut(), &boot_files) {
+        obj.insert("boot_files".into(), serde_json::to_value(bf)?);
+    }
     let running = crate::lock::running(&cfg.disk);
     let mut last = history::load(&state_dir)
         .ok()
@@ -234,6 +323,9 @@ fn status(cli: &Cli) -> Result<i32> {
         Some(st) => control::format_status(st),
         None => format_limited(&v),
     };
+    if let Some(bf) = &boot_files {
+        out += &format_boot_files(bf);
+    }
     out += &match &running {
         Some(r) => format!("running:    {r}\n"),
         None => "running:    no abup run in progress\n".to_string(),
@@ -440,6 +532,7 @@ fn bundle_create(cli: &Cli, a: &cli::CreateArgs) -> Result<i32> {
         description: a.description.clone(),
         zstd_level: bundle::create::DEFAULT_ZSTD_LEVEL,
         progress: Some(events.progress("pack", None)),
+        boot_files: a.boot_files.clone(),
     };
     let result = bundle::create::create(&opts, &a.output)
         .with_context(|| format!("creating bundle {}", a.output.display()));

@@ -104,6 +104,21 @@ pub struct SystemConfig {
     pub data: Option<PartRef>,
     /// Time limit of each migration.
     pub migrate_timeout: std::time::Duration,
+    /// The shared boot partition whose files bundles may update
+    /// (`[boot_files]`); None: bundles with boot files are refused.
+    pub boot_files: Option<BootFilesConfig>,
+}
+
+/// `[boot_files]`: where the shared boot partition is and which of its
+/// files are edited on the device (see [`crate::bootfiles`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootFilesConfig {
+    pub part: PartRef,
+    /// The filesystem the partition must have, when the config says.
+    pub filesystem: Option<crate::bootpart::FsKind>,
+    /// Files (relative to the partition's root) never replaced or removed
+    /// once they exist on the device; installed only when missing.
+    pub protected: Vec<String>,
 }
 
 impl SystemConfig {
@@ -132,6 +147,14 @@ impl SystemConfig {
         }
         if let Some(data) = &self.data {
             named.push(("data", data));
+        }
+        // The boot files may share the partition of the boot environment.
+        if let Some(b) = self
+            .boot_files
+            .as_ref()
+            .filter(|b| !named.iter().any(|n| *n.1 == b.part))
+        {
+            named.push(("boot_files", &b.part));
         }
         named
     }
@@ -271,6 +294,7 @@ impl SystemConfig {
             )?,
             data: raw.data.map(|d| d.into_ref("data")).transpose()?,
             migrate_timeout,
+            boot_files: raw.boot_files.map(boot_files).transpose()?,
         })
     }
 }
@@ -347,6 +371,35 @@ fn uboot_location(u: RawUboot) -> Result<UbootEnvLocation> {
     }
 }
 
+/// Resolves `[boot_files]`.
+fn boot_files(b: RawBootFiles) -> Result<BootFilesConfig> {
+    let part = PartSpec {
+        partlabel: b.partlabel,
+        partuuid: b.partuuid,
+    }
+    .into_ref("boot_files")?;
+    let filesystem = match b.filesystem.as_deref() {
+        None | Some("auto") => None,
+        Some("ext4") => Some(crate::bootpart::FsKind::Ext4),
+        Some("fat" | "vfat") => Some(crate::bootpart::FsKind::Fat),
+        Some(other) => bail!("boot_files.filesystem {other:?} is not one of auto, ext4, fat"),
+    };
+    let protected = b
+        .protected
+        .iter()
+        .map(|p| {
+            let p = relative_inside("boot_files.protected", p)?;
+            crate::bootfiles::clean_path(&p.to_string_lossy())
+                .with_context(|| format!("boot_files.protected {}", p.display()))
+        })
+        .collect::<Result<_>>()?;
+    Ok(BootFilesConfig {
+        part,
+        filesystem,
+        protected,
+    })
+}
+
 /// Requires an absolute path without `..` (config paths never need one).
 fn absolute(key: &str, p: PathBuf) -> Result<PathBuf> {
     if !p.is_absolute() {
@@ -384,6 +437,17 @@ struct RawConfig {
     data: Option<PartSpec>,
     #[serde(default)]
     migrate: RawMigrate,
+    boot_files: Option<RawBootFiles>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBootFiles {
+    partlabel: Option<String>,
+    partuuid: Option<String>,
+    filesystem: Option<String>,
+    #[serde(default)]
+    protected: Vec<PathBuf>,
 }
 
 #[derive(Deserialize)]

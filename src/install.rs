@@ -99,12 +99,16 @@ fn transaction(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
             true => Vec::new(),
             false => crate::leftovers::clean(&cfg.disk),
         };
-        let sys = System::open(cfg, opts.booted)?;
+        let mut sys = System::open(cfg, opts.booted)?;
         let booted = sys
             .booted
             .map_or("none (rescue system)".to_string(), |b| b.to_string());
         let mut comment = format!("booted slot: {booted}");
-        for c in cleaned {
+        let settled = match opts.check_only {
+            true => Vec::new(),
+            false => crate::bootfiles::settle(&mut sys)?,
+        };
+        for c in cleaned.into_iter().chain(settled) {
             comment = format!("{comment}; {c}");
         }
         Ok(Done::unchanged(sys, comment))
@@ -123,7 +127,10 @@ fn transaction(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
         });
     }
     let (plan, rootfs) = rep.step("check", Check, || {
-        let done = check(&sys, &header, opts, file_len)?;
+        let mut done = check(&sys, &header, opts, file_len)?;
+        if let Some(fits) = crate::bootfiles::check(&mut sys, &header)? {
+            done.comment = format!("{}; {fits}", done.comment);
+        }
         if done.value.already_installed {
             return Ok(Done {
                 value: (done.value, None),
@@ -172,10 +179,12 @@ fn transaction(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
             .map_err(anyhow::Error::from)
             .and_then(|reader| reader.finish())
             .and_then(|stored| Ok(stored.into_inner()?));
-        rep.step("verify", Write, || {
-            read_trailer(&mut finished?)?;
+        let new_boot = rep.step("verify", Write, || {
+            let mut stream = finished?;
+            let boot = crate::bootfiles::read_payload(&mut stream, &header)?;
+            read_trailer(&mut stream)?;
             Ok(Done::unchanged(
-                (),
+                boot,
                 format!(
                     "{} chunks of stored bytes matched the signed hash list; {} bytes uncompressed as declared; end marker read",
                     payload.chunk_count(),
@@ -189,7 +198,9 @@ fn transaction(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
         rep.step("migrate", Write, || {
             migrate::migrate_step(&sys, target, &manifest.version.to_string(), new_root)
         })?;
-        rep.step("boot-files", Write, || boot_files(&sys, target))?;
+        rep.step("boot-files", Write, || {
+            boot_files(&mut sys, target, new_boot.as_ref(), opts.no_activate)
+        })?;
         rep.step("record", Write, || {
             if payload.kind == PayloadKind::Tar {
                 seal::write(&sys.slot(target).dev.path, &header.bundle_sha256)?;
@@ -205,7 +216,9 @@ fn transaction(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
         for step in ["mark-bad", "write", "verify", "preserve", "migrate"] {
             rep.skip(step, &why);
         }
-        rep.step("boot-files", Write, || boot_files(&sys, target))?;
+        rep.step("boot-files", Write, || {
+            boot_files(&mut sys, target, None, opts.no_activate)
+        })?;
         rep.skip("record", &why);
     }
 
@@ -499,9 +512,30 @@ fn fs_label(_sys: &System, target: SlotName) -> String {
 
 /// Makes the written slot findable by the bootloader's shipped config and
 /// checks it holds what that config boots (the last check before the flip).
-fn boot_files(sys: &System, target: SlotName) -> Result<Done<()>> {
+/// Then installs the bundle's files for the shared boot partition, if it
+/// has any, as one transaction ([`crate::bootfiles`]).
+fn boot_files(
+    sys: &mut System,
+    target: SlotName,
+    new: Option<&crate::bootfiles::NewFiles>,
+    no_activate: bool,
+) -> Result<Done<()>> {
     let dev = &sys.slot(target).dev.path;
-    let comment = sys.boot.backend.prepare_slot(target, dev)?;
+    let mut comment = sys.boot.backend.prepare_slot(target, dev)?;
+    match new {
+        Some(_) if no_activate => {
+            comment += "; boot files not installed with --no-activate (the boot partition follows the slot that boots)";
+        }
+        Some(files) => {
+            let opened = crate::bootfiles::open(sys, true)?
+                .context("the bundle carries boot files but the config has no [boot_files]")?;
+            let done = opened
+                .install(target, files)
+                .context("updating the boot files")?;
+            comment = format!("{comment}; {done}");
+        }
+        None => {}
+    }
     Ok(Done::changed((), comment))
 }
 

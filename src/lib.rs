@@ -16,6 +16,7 @@
 //!   disk, signals that stop at safe points, and a record of how it ended.
 
 pub mod boot;
+pub mod bootfiles;
 pub mod bootpart;
 pub mod bundle;
 pub mod cli;

@@ -102,6 +102,16 @@ impl RunLock {
     /// Takes the lock on `cfg`'s disk (and state directory) for `verb`, or
     /// refuses at once with [`Held`] if another run holds either.
     pub fn acquire(cfg: &SystemConfig, verb: &str) -> Result<RunLock> {
+        Self::take(cfg, verb, true)
+    }
+
+    /// Like [`RunLock::acquire`], for a short repair inside a read-only verb
+    /// (`status` recovering boot files): the last-run record is left as it is.
+    pub fn acquire_unrecorded(cfg: &SystemConfig, verb: &str) -> Result<RunLock> {
+        Self::take(cfg, verb, false)
+    }
+
+    fn take(cfg: &SystemConfig, verb: &str, record: bool) -> Result<RunLock> {
         let path = disk_lock_path(&cfg.disk)?;
         let dir = Path::new(crate::mount::RUNTIME_DIR);
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -120,7 +130,9 @@ impl RunLock {
         if let Ok(f) = disk.try_clone() {
             *CURRENT.lock().unwrap_or_else(|e| e.into_inner()) = Some((f, info.clone()));
         }
-        crate::runlog::started(&cfg.state_dir, &info);
+        if record {
+            crate::runlog::started(&cfg.state_dir, &info);
+        }
         Ok(RunLock {
             _disk: disk,
             _state: state,

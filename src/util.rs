@@ -20,6 +20,26 @@ use std::process::Command;
 /// leave a `mkfs.ext4` writing to a slot that the next run formats again.
 pub fn run(step: &str, cmd: &mut Command) -> Result<String> {
     let shown = format!("{cmd:?}").replace('"', "");
+    die_with_abup(cmd);
+    let out = cmd
+        .output()
+        .with_context(|| format!("{step}: starting {shown}"))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        bail!(
+            "{step}: {shown} exited with {}: {}",
+            out.status
+                .code()
+                .map_or("a signal".to_string(), |c| c.to_string()),
+            stderr.trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Makes `cmd` die with abup (`PR_SET_PDEATHSIG`), and not start at all
+/// if abup is already gone.
+pub fn die_with_abup(cmd: &mut Command) {
     let parent = nix::unistd::getpid();
     // SAFETY: the closure runs between fork and exec and only makes
     // async-signal-safe system calls (prctl, getppid).
@@ -35,20 +55,6 @@ pub fn run(step: &str, cmd: &mut Command) -> Result<String> {
             Ok(())
         })
     };
-    let out = cmd
-        .output()
-        .with_context(|| format!("{step}: starting {shown}"))?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        bail!(
-            "{step}: {shown} exited with {}: {}",
-            out.status
-                .code()
-                .map_or("a signal".to_string(), |c| c.to_string()),
-            stderr.trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Marks an error of [`write_atomic`] after its rename: the new content is

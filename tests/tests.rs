@@ -12,6 +12,8 @@
 mod backends;
 #[path = "it/bad_input.rs"]
 mod bad_input;
+#[path = "it/bootfiles.rs"]
+mod bootfiles;
 #[path = "it/crash.rs"]
 mod crash;
 #[path = "it/format.rs"]

@@ -101,6 +101,9 @@ pub struct CreateOptions {
     pub zstd_level: i32,
     /// Told the source bytes read so far, against the source's size.
     pub progress: Option<Progress>,
+    /// A directory of files for the shared boot partition, packed as the
+    /// optional `boot-files` payload after the rootfs.
+    pub boot_files: Option<PathBuf>,
 }
 
 impl CreateOptions {
@@ -116,6 +119,7 @@ impl CreateOptions {
             description: None,
             zstd_level: DEFAULT_ZSTD_LEVEL,
             progress: None,
+            boot_files: None,
         }
     }
 }
@@ -164,6 +168,14 @@ pub fn create(opts: &CreateOptions, out: &Path) -> Result<Manifest> {
     let payload_path = payload_file.path().to_path_buf();
     let built = build_payload(opts, payload_file.as_file_mut(), &payload_path)
         .with_context(|| format!("creating bundle payload from {}", opts.source))?;
+    let boot = match &opts.boot_files {
+        Some(src) => Some(
+            append_boot_files(opts, src, payload_file.as_file_mut(), dir).with_context(|| {
+                format!("creating the boot-files payload from {}", src.display())
+            })?,
+        ),
+        None => None,
+    };
 
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
@@ -183,6 +195,24 @@ pub fn create(opts: &CreateOptions, out: &Path) -> Result<Manifest> {
             installed_size: built.installed_size,
         }],
     };
+    let mut manifest = manifest;
+    let mut hash_list = built.hash_list;
+    let mut stored_size = built.stored_size;
+    if let Some(b) = boot {
+        manifest.payloads.push(Payload {
+            name: crate::bundle::manifest::BOOT_FILES.to_string(),
+            kind: PayloadKind::Tar,
+            compression: opts.compression,
+            size: b.size,
+            sha256: b.sha256,
+            stored_size: b.stored_size,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            chunk_hashes: b.chunk_hashes,
+            installed_size: b.installed_size,
+        });
+        hash_list.extend_from_slice(&b.hash_list);
+        stored_size += b.stored_size;
+    }
     let manifest_bytes = manifest.to_bytes()?;
     let signature = match &opts.signing_key {
         Some(key) => SignatureInfo::sign(key, &manifest_bytes).to_bytes()?,
@@ -197,13 +227,13 @@ pub fn create(opts: &CreateOptions, out: &Path) -> Result<Manifest> {
     let header = header_bytes(
         &manifest_bytes,
         &signature,
-        &built.hash_list,
+        &hash_list,
         layout.padding.length,
     )?;
     // One pass: the payload file becomes the bundle by inserting the header
     // in front of it (the header is a multiple of 4096 bytes). Where the
     // filesystem cannot do that, the payload is copied after the header.
-    let bundle_file = match insert_header(payload_file.as_file_mut(), &header, built.stored_size) {
+    let bundle_file = match insert_header(payload_file.as_file_mut(), &header, stored_size) {
         Ok(()) => payload_file,
         Err(_) => {
             let mut bundle_file = tempfile::Builder::new()
@@ -214,7 +244,7 @@ pub fn create(opts: &CreateOptions, out: &Path) -> Result<Manifest> {
                 bundle_file.as_file_mut(),
                 &header,
                 payload_file.as_file_mut(),
-                built.stored_size,
+                stored_size,
             )
             .with_context(|| format!("writing bundle {}", out.display()))?;
             bundle_file
@@ -231,6 +261,43 @@ pub fn create(opts: &CreateOptions, out: &Path) -> Result<Manifest> {
         .and_then(|d| d.sync_all())
         .with_context(|| format!("syncing directory {}", dir.display()))?;
     Ok(manifest)
+}
+
+/// Packs the boot-files directory `src` as a payload of its own and appends
+/// its stored bytes to `dest` (after the rootfs payload's).
+fn append_boot_files(
+    opts: &CreateOptions,
+    src: &Path,
+    dest: &mut File,
+    dir: &Path,
+) -> Result<Built> {
+    let source = Source::Dir(src.to_path_buf());
+    check_source(&source)?;
+    crate::bootfiles::check_source(src)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".abup-boot-files-")
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    let tmp_path = tmp.path().to_path_buf();
+    let boot_opts = CreateOptions {
+        source,
+        progress: None,
+        boot_files: None,
+        ..opts.clone()
+    };
+    let built = build_payload(&boot_opts, tmp.as_file_mut(), &tmp_path)?;
+    tmp.as_file_mut()
+        .seek(SeekFrom::Start(0))
+        .context("rewinding the boot-files payload")?;
+    dest.seek(SeekFrom::End(0))
+        .context("seeking to the end of the payloads")?;
+    let copied = io::copy(tmp.as_file_mut(), dest).context("appending the boot-files payload")?;
+    ensure!(
+        copied == built.stored_size,
+        "copied {copied} boot-files payload bytes, expected {}",
+        built.stored_size
+    );
+    Ok(built)
 }
 
 /// Refuses sources that cannot work before any output is made.

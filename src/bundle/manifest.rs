@@ -19,6 +19,10 @@ pub const MANIFEST_FORMAT: u32 = 2;
 /// The name of the payload holding the root filesystem.
 pub const ROOTFS: &str = "rootfs";
 
+/// The name of the optional payload holding files for the shared boot
+/// partition (a tar archive, after the rootfs; see [`crate::bootfiles`]).
+pub const BOOT_FILES: &str = "boot-files";
+
 /// The manifest of a bundle, as stored (JSON) at the start of the bundle.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -221,14 +225,22 @@ impl Manifest {
             self.payload(ROOTFS).is_some(),
             "the manifest has no \"{ROOTFS}\" payload"
         );
-        // Installing streams the payloads in order onto their targets; the
-        // only target this abup knows is the root slot, so a bundle with
-        // more payloads is refused before anything is read or written.
+        // Installing streams the payloads in order onto their targets: the
+        // root slot, then (optionally) the shared boot partition. A bundle
+        // with any other payload is refused before anything is read or written.
+        let names: Vec<&str> = self.payloads.iter().map(|p| p.name.as_str()).collect();
         ensure!(
-            self.payloads.len() == 1,
-            "the bundle has {} payloads; this abup installs bundles with exactly one, \"{ROOTFS}\" (upgrade abup, or rebuild the bundle with only the rootfs)",
+            names == [ROOTFS] || names == [ROOTFS, BOOT_FILES],
+            "the bundle has {} payloads ({names:?}); this abup installs bundles with exactly one \"{ROOTFS}\", optionally followed by \"{BOOT_FILES}\" (upgrade abup, or rebuild the bundle)",
             self.payloads.len()
         );
+        if let Some(b) = self.payload(BOOT_FILES) {
+            ensure!(
+                b.kind == PayloadKind::Tar,
+                "payload \"{BOOT_FILES}\" must be a tar archive, not {}",
+                b.kind
+            );
+        }
         let mut stored = 0u64;
         let mut lists = 0u64;
         for p in &self.payloads {
@@ -460,6 +472,25 @@ pub(crate) mod tests {
             let e = format!("{:#}", m.to_bytes().unwrap_err());
             assert!(e.contains("has 2 payloads"), "{e}");
         }
+    }
+
+    #[test]
+    fn boot_files_may_follow_the_rootfs_only() {
+        let mut boot = sample().payloads[0].clone();
+        boot.name = BOOT_FILES.into();
+        let mut m = sample();
+        m.payloads.push(boot.clone());
+        m.to_bytes().unwrap();
+        let mut m = sample();
+        m.payloads.insert(0, boot.clone());
+        let e = format!("{:#}", m.to_bytes().unwrap_err());
+        assert!(e.contains("optionally followed by"), "{e}");
+        let mut m = sample();
+        boot.kind = PayloadKind::Raw;
+        boot.installed_size = None;
+        m.payloads.push(boot);
+        let e = format!("{:#}", m.to_bytes().unwrap_err());
+        assert!(e.contains("must be a tar archive"), "{e}");
     }
 
     #[test]
