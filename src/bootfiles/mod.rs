@@ -11,6 +11,7 @@
 //! ```text
 //! abup-boot/sets.json     which set is live, and each slot's set (path → SHA-256)
 //! abup-boot/journal.json  present only while a transaction is under way
+//! abup-boot/switching     present once live files may have changed
 //! abup-boot/keep-A/…      slot A's files that differ from the live set
 //! abup-boot/keep-B/…      (the backups a transaction makes, kept for a fallback)
 //! <file>.abup-new         a new file staged beside its target
@@ -20,8 +21,9 @@
 //! 1. Plan: every file of the new set and of the live set, with its SHA-256
 //!    now and after; unchanged and protected files are left out. Refuse,
 //!    before any write, when free space < new files + backups + margin.
-//! 2. Journal (phase `stage`), then each new file written and fsynced as
-//!    `<file>.abup-new`; journal phase `switch`.
+//! 2. Journal (written once, never rewritten), then each new file written
+//!    and fsynced as `<file>.abup-new`; then the empty marker
+//!    `abup-boot/switching` (one directory entry: both sets are complete).
 //! 3. In order — new files first, then replaced files with the boot
 //!    configuration files (`*.txt`, `*.cfg`, `*.conf`, `*.scr`, …) last,
 //!    then removals — each old file is kept in `keep-<old slot>/` and the
@@ -72,6 +74,8 @@ use tree::{sha256, Tree};
 pub const AREA: &str = "abup-boot";
 const SETS: &str = "abup-boot/sets.json";
 const JOURNAL: &str = "abup-boot/journal.json";
+/// Written once every new file is staged: from then on live files change.
+const SWITCHING: &str = "abup-boot/switching";
 /// Suffix of a staged new file beside its target.
 const STAGED: &str = ".abup-new";
 /// The largest boot-files payload accepted (it is held in memory).
@@ -231,15 +235,6 @@ impl Sets {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum Phase {
-    /// New files are being staged; nothing live has changed.
-    Stage,
-    /// Live files are being replaced; both sets are complete.
-    Switch,
-}
-
 /// One file the transaction changes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 struct Entry {
@@ -256,7 +251,6 @@ struct Journal {
     format: u32,
     from: SlotName,
     to: SlotName,
-    phase: Phase,
     /// In the order they are switched.
     entries: Vec<Entry>,
     /// The set `to` gets when the transaction completes.
@@ -549,11 +543,10 @@ impl Opened {
         self.check_space(&changes)?;
         let changes = order(changes);
         let n = changes.len();
-        let mut journal = Journal {
+        let journal = Journal {
             format: 1,
             from,
             to,
-            phase: Phase::Stage,
             entries: changes.iter().map(|c| c.entry.clone()).collect(),
             set: set.clone(),
         };
@@ -568,9 +561,8 @@ impl Opened {
                     self.tree.write(&staged(&c.entry.path), d)?;
                 }
             }
-            journal.phase = Phase::Switch;
             failpoint!("bootfiles:journal-switch");
-            write_record(&self.tree, JOURNAL, &journal)?;
+            self.tree.write(SWITCHING, b"")?;
             for c in &changes {
                 let p = &c.entry.path;
                 if c.entry.old.is_some() {
@@ -610,6 +602,7 @@ impl Opened {
         for e in j.entries.iter().filter(|e| e.new.is_some()) {
             self.tree.remove(&staged(&e.path))?;
         }
+        self.tree.remove(SWITCHING)?;
         failpoint!("bootfiles:journal-clear");
         self.tree.remove(JOURNAL)?;
         if j.to != j.from {
@@ -654,18 +647,42 @@ impl Opened {
         for e in j.entries.iter().filter(|e| e.new.is_some()) {
             self.tree.remove(&staged(&e.path))?;
         }
+        self.tree.remove(SWITCHING)?;
         self.tree.remove(JOURNAL)
     }
 
     /// Finishes or undoes a journal left by a crash; says what it did.
     pub fn recover(&self) -> Result<Option<String>> {
-        let Some(j) = load_journal(&self.tree)? else {
-            return Ok(None);
+        // Records a crash cut off before their rename (the old one stands).
+        for rel in [SETS, JOURNAL] {
+            self.tree.remove(&format!("{rel}.tmp"))?;
+        }
+        let j = match load_journal(&self.tree) {
+            Ok(Some(j)) => j,
+            Ok(None) => {
+                // A crash after the journal was removed left the marker.
+                self.tree.remove(SWITCHING)?;
+                return Ok(None);
+            }
+            // Cut while the journal itself was written (FAT, power loss):
+            // no live file was touched yet, only staged copies exist.
+            Err(_) if self.tree.hash(SWITCHING)?.is_none() => {
+                let mut n = 0;
+                for p in self.tree.list()? {
+                    if p.ends_with(STAGED) {
+                        self.tree.remove(&p)?;
+                        n += 1;
+                    }
+                }
+                self.tree.remove(JOURNAL)?;
+                return Ok(Some(format!(
+                    "removed a boot-files update cut off while it began ({n} staged files); no boot file had changed"
+                )));
+            }
+            Err(e) => return Err(e),
         };
         let sets = load_sets(&self.tree)?;
-        let done = j.phase == Phase::Switch
-            && sets.live == Some(j.to)
-            && sets.get(j.to).is_some_and(|s| *s == j.set);
+        let done = sets.live == Some(j.to) && sets.get(j.to).is_some_and(|s| *s == j.set);
         let n = j.entries.len();
         if done {
             self.finish(&j)?;
@@ -729,7 +746,8 @@ impl Opened {
 
     /// The record, for `status`.
     pub fn sets(&self) -> Result<(Sets, bool)> {
-        Ok((load_sets(&self.tree)?, load_journal(&self.tree)?.is_some()))
+        let interrupted = self.tree.hash(JOURNAL)?.is_some();
+        Ok((load_sets(&self.tree)?, interrupted))
     }
 }
 
@@ -766,6 +784,7 @@ pub fn unsettled(sys: &mut System) -> Result<bool> {
     };
     let (sets, interrupted) = opened.sets()?;
     Ok(interrupted
+        || opened.tree.hash(SWITCHING)?.is_some()
         || matches!((sets.live, next), (Some(l), Some(n)) if l != n && sets.get(n).is_some()))
 }
 

@@ -258,6 +258,28 @@ impl Tree {
         }
     }
 
+    /// Every file on the partition, by relative path.
+    pub fn list(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        match self {
+            Tree::Dir(d) => walk(d, d, &mut out)?,
+            Tree::Fat(dev) => {
+                let text = self
+                    .mtools("mdir", &["-/", "-b", "::/"])
+                    .map_err(|e| anyhow::anyhow!("listing {}: {e}", dev.display()))?;
+                for line in String::from_utf8_lossy(&text).lines() {
+                    match line.strip_prefix("::/") {
+                        Some(rel) if !rel.is_empty() && !rel.ends_with('/') => {
+                            out.push(rel.to_string())
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Free bytes, and the allocation unit files are rounded up to.
     pub fn free_space(&self) -> Result<(u64, u64)> {
         match self {
@@ -314,6 +336,19 @@ impl std::fmt::Display for MtoolsError {
             MtoolsError::Other(s) => f.write_str(s),
         }
     }
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
+    for e in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let e = e.with_context(|| format!("listing {}", dir.display()))?;
+        let path = e.path();
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            walk(root, &path, out)?;
+        } else if let Ok(rel) = path.strip_prefix(root) {
+            out.push(rel.to_string_lossy().into_owned());
+        }
+    }
+    Ok(())
 }
 
 /// fsyncs a directory, so the names in it are durable.

@@ -421,6 +421,25 @@ fn recover_verb_and_error_undo(fs: Fs) {
     );
     assert_files(&w.boot_files(), &expected(V2), "after recover");
 
+    // A journal cut off while it was written (FAT has no atomic rename; a
+    // power cut there): no live file had changed, the staged ones go.
+    let (_, signal, out) = w.install_armed("B", &v3, "bootfiles:journal-switch=kill");
+    assert_eq!(signal, Some(9), "{out}");
+    let all = w.all_files();
+    assert!(all.keys().any(|p| p.ends_with(".abup-new")), "{all:?}");
+    let journal = &all["abup-boot/journal.json"];
+    w.put("abup-boot/journal.json", &journal[..journal.len() / 2]);
+    let r = w.env.abup(&["--booted-slot", "B", "recover"]);
+    r.ok();
+    assert!(r.stdout.contains("cut off while it began"), "{r}");
+    let left: Vec<String> = w
+        .all_files()
+        .into_keys()
+        .filter(|p| p.ends_with(".abup-new") || p.starts_with("abup-boot/journal"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert_files(&w.boot_files(), &expected(V2), "after a torn journal");
+
     // Killed while undoing after an error: the next run undoes the rest.
     let (_, signal, out) =
         w.install_armed("B", &v3, "bootfiles:rename=eio@2,bootfiles:undo=kill@2");
