@@ -64,6 +64,12 @@ pub fn fs_kind(dev: &Path) -> Result<FsKind> {
 impl BootPart {
     /// Opens partition `part` of `disk`, mounting ext4 if it is not mounted.
     pub fn open(disk: &Disk, part: &PartRef) -> Result<BootPart> {
+        Self::open_with(disk, part, Access::ReadWrite)
+    }
+
+    /// Like [`BootPart::open`]; ext4 is mounted with `access` (read-only
+    /// for a look that must leave the partition byte-identical).
+    pub fn open_with(disk: &Disk, part: &PartRef, access: Access) -> Result<BootPart> {
         let info = disk.find(part)?;
         let device = disk.device(info)?;
         let dev = device.path.clone();
@@ -79,8 +85,8 @@ impl BootPart {
         }
         let (dir, mount) = match fs_kind(&dev)? {
             FsKind::Ext4 => {
-                let m = TempMount::ext4(&dev, Access::ReadWrite)
-                    .with_context(|| format!("mounting {shown}"))?;
+                let m =
+                    TempMount::ext4(&dev, access).with_context(|| format!("mounting {shown}"))?;
                 (Some(m.path().to_path_buf()), Some(m))
             }
             FsKind::Fat => (None, None),

@@ -119,7 +119,9 @@ fn transaction(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
     }
     let Input { reader, file_len } = input;
     if opts.check_only {
-        let plan = rep.step("check", Check, || check(&sys, &header, opts, file_len))?;
+        let plan = rep.step("check", Check, || {
+            check_all(&mut sys, &header, opts, file_len)
+        })?;
         rep.report.target_slot = Some(plan.target.to_string());
         let events = rep.events.clone();
         return rep.step("verify-payload", Check, || {
@@ -127,10 +129,7 @@ fn transaction(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
         });
     }
     let (plan, rootfs) = rep.step("check", Check, || {
-        let mut done = check(&sys, &header, opts, file_len)?;
-        if let Some(fits) = crate::bootfiles::check(&mut sys, &header)? {
-            done.comment = format!("{}; {fits}", done.comment);
-        }
+        let done = check_all(&mut sys, &header, opts, file_len)?;
         if done.value.already_installed {
             return Ok(Done {
                 value: (done.value, None),
@@ -309,6 +308,21 @@ fn open_and_verify(cfg: &SystemConfig, bundle: &Path) -> Result<Done<(Input, Bun
         header.manifest.compatible
     );
     Ok(Done::unchanged((input, header), comment))
+}
+
+/// [`check`], then whether the bundle's boot files can go on the boot
+/// partition (read only).
+fn check_all(
+    sys: &mut System,
+    header: &BundleHeader,
+    opts: &InstallOptions,
+    file_len: Option<u64>,
+) -> Result<Done<Plan>> {
+    let mut done = check(sys, header, opts, file_len)?;
+    if let Some(fits) = crate::bootfiles::check(sys, header)? {
+        done.comment = format!("{}; {fits}", done.comment);
+    }
+    Ok(done)
 }
 
 /// Every sanity check, in order; returns the plan or the first refusal.

@@ -387,7 +387,11 @@ fn open_inner(sys: &mut System, bf: &BootFilesConfig, write: bool) -> Result<Ope
             .context("the boot backend holds no handle on it")?;
         (tree_of(bp), bp.device().to_path_buf(), None)
     } else {
-        let bp = BootPart::open(&sys.disk, &bf.part)?;
+        let access = match write {
+            true => crate::mount::Access::ReadWrite,
+            false => crate::mount::Access::ReadOnly,
+        };
+        let bp = BootPart::open_with(&sys.disk, &bf.part, access)?;
         let dev = bp.device().to_path_buf();
         (tree_of(&bp), dev, Some(bp))
     };

@@ -292,6 +292,15 @@ fn assert_files(got: &Files, want: &Files, what: &str) {
 fn updates_and_follows_fallbacks(fs: Fs) {
     let w = World::new(fs);
     let v2 = w.bundle("2.0.0", V2);
+    // `check` looks at the boot partition's free space and writes nothing.
+    let boot_before = w.env.disk.sha256_of_partition("boot");
+    let run = w.env.abup(&["--booted-slot", "A", "check", s(&v2)]);
+    run.ok();
+    assert!(
+        run.stdout.contains("boot files fit the boot partition"),
+        "{run}"
+    );
+    assert_eq!(w.env.disk.sha256_of_partition("boot"), boot_before);
     let report = w.env.install_ok("A", &v2, &[]);
     assert!(
         step_comment(&report, "boot-files").contains("boot files changed"),
@@ -548,10 +557,12 @@ fn bad_boot_files_input_is_refused_with_one_line() {
 
     // A bundle with boot files on a device whose config has none.
     let plain = w.env.config_with(|_| {});
-    let run = w
-        .env
-        .abup_with(&plain, &["--booted-slot", "A", "install", s(&v2)], None);
-    run.failed(3, &["carries boot files", "[boot_files]"]);
+    for verb in ["install", "check"] {
+        let run = w
+            .env
+            .abup_with(&plain, &["--booted-slot", "A", verb, s(&v2)], None);
+        run.failed(3, &["carries boot files", "[boot_files]"]);
+    }
 
     // Config mistakes.
     for (extra, needle) in [
