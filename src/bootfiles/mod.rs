@@ -29,7 +29,9 @@
 //!    then removals — each old file is kept in `keep-<old slot>/` and the
 //!    staged file renamed over it (ext4: atomic; every name is the old or
 //!    the new file at every moment) and directories fsynced.
-//! 4. `sets.json` names the new slot's set live; the journal is removed.
+//! 4. `sets.json` names the new slot's set live; the journal is removed;
+//!    on ext4 a freeze/thaw checkpoints the journal, so that a bootloader,
+//!    which reads the filesystem without replaying it, sees the new set.
 //!
 //! On FAT, where a rename is not crash-atomic, nothing is renamed: the
 //! staged copy is copied over the target and stays, with the backup, until
@@ -612,6 +614,7 @@ impl Opened {
         if j.to != j.from {
             self.tree.remove_tree(&keep_dir(j.to))?;
         }
+        self.tree.checkpoint()?;
         failpoint!("bootfiles:done");
         Ok(())
     }
@@ -652,7 +655,8 @@ impl Opened {
             self.tree.remove(&staged(&e.path))?;
         }
         self.tree.remove(SWITCHING)?;
-        self.tree.remove(JOURNAL)
+        self.tree.remove(JOURNAL)?;
+        self.tree.checkpoint()
     }
 
     /// Finishes or undoes a journal left by a crash; says what it did.

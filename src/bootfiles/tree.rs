@@ -313,6 +313,39 @@ impl Tree {
         }
     }
 
+    /// Makes the partition's on-disk state what a bootloader reads: on a
+    /// mount, a freeze and thaw (FIFREEZE/FITHAW, as `fsfreeze` does)
+    /// checkpoints the ext4 journal, which GRUB and U-Boot do not replay;
+    /// filesystems that cannot freeze are synced instead.
+    pub fn checkpoint(&self) -> Result<()> {
+        let Tree::Dir(d) = self else {
+            return self.sync();
+        };
+        use std::os::fd::AsRawFd;
+        const FIFREEZE: nix::libc::c_ulong = 0xc004_5877;
+        const FITHAW: nix::libc::c_ulong = 0xc004_5878;
+        let dir = File::open(d).with_context(|| format!("opening {}", d.display()))?;
+        let fd = dir.as_raw_fd();
+        // SAFETY: both ioctls take an int argument that the kernel ignores.
+        if unsafe { nix::libc::ioctl(fd, FIFREEZE as _, 0) } != 0 {
+            return nix::unistd::syncfs(fd)
+                .with_context(|| format!("syncing the filesystem at {}", d.display()));
+        }
+        // Thawing can only fail if the filesystem was not frozen; try twice.
+        for _ in 0..2 {
+            // SAFETY: as above.
+            if unsafe { nix::libc::ioctl(fd, FITHAW as _, 0) } == 0 {
+                return Ok(());
+            }
+        }
+        bail!(
+            "thawing the filesystem at {} after its checkpoint: {}; run `fsfreeze -u {}`",
+            d.display(),
+            std::io::Error::last_os_error(),
+            d.display()
+        )
+    }
+
     /// Flushes the device (mtools writes through the page cache).
     fn sync(&self) -> Result<()> {
         if let Tree::Fat(dev) = self {

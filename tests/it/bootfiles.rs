@@ -526,6 +526,57 @@ fn backups_counted(fs: Fs) {
     );
 }
 
+/// What a bootloader reads from an ext4 partition: its bytes as the disk
+/// holds them, through `debugfs -c` (no journal replay, as GRUB and U-Boot).
+fn bootloader_view(w: &World, rel: &str) -> Option<String> {
+    let part = w.env.disk.part("boot");
+    let copy = w.env.path("boot-view.img");
+    let bytes = fs::read(&w.env.disk.image).unwrap();
+    fs::write(
+        &copy,
+        &bytes[part.start as usize..(part.start + part.size) as usize],
+    )
+    .unwrap();
+    let out = Command::new("debugfs")
+        .arg("-c")
+        .arg("-R")
+        .arg(format!("cat /{rel}"))
+        .arg(&copy)
+        .output()
+        .unwrap();
+    let _ = fs::remove_file(&copy);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    (!String::from_utf8_lossy(&out.stderr).contains("not found")).then_some(text)
+}
+
+/// With the boot partition mounted (a running device's /boot), the new set
+/// is where a bootloader reads it as soon as abup returns: the journal was
+/// checkpointed, not left for the next mount to replay.
+#[test]
+fn ext4_boot_files_reach_the_bootloaders_view_while_mounted() {
+    let w = World::new(Fs::Ext4);
+    let v2 = w.bundle("2.0.0", V2);
+    let boot = w.env.disk.mount("boot", true);
+    w.env.install_ok("A", &v2, &[]);
+    for (path, content) in V2.iter().filter(|(p, _)| *p != "config.txt") {
+        assert_eq!(
+            bootloader_view(&w, path).as_deref(),
+            Some(*content),
+            "{path} as the bootloader reads it"
+        );
+        assert_eq!(
+            fs::read_to_string(boot.path().join(path)).unwrap(),
+            *content
+        );
+    }
+    w.env.abup(&["--booted-slot", "A", "mark-bad", "B"]).ok();
+    assert_eq!(
+        bootloader_view(&w, "kernel.img").as_deref(),
+        Some("kernel 1\n")
+    );
+    assert_eq!(bootloader_view(&w, "overlays/new.dtbo"), None);
+}
+
 /// Each scenario runs on ext4 and on FAT.
 macro_rules! on_both {
     ($($scenario:ident: $ext4:ident, $fat:ident;)*) => {$(
