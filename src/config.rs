@@ -59,6 +59,16 @@ pub enum UbootEnvLocation {
     },
 }
 
+/// Where the EFI system partition is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EspLocation {
+    /// A directory of the running system where the ESP is mounted.
+    Mounted(PathBuf),
+    /// A partition of the disk: used through its mount if mounted, else
+    /// through mtools.
+    Partition(PartRef),
+}
+
 /// The boot backend, chosen once from the config.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BootConfig {
@@ -67,6 +77,12 @@ pub enum BootConfig {
     },
     Uboot {
         env: UbootEnvLocation,
+    },
+    /// systemd-boot entries on the EFI system partition.
+    SystemdBoot {
+        esp: EspLocation,
+        /// Where efivarfs is mounted (LoaderEntrySelected, LoaderEntryDefault).
+        efivars: PathBuf,
     },
     /// An executable with RAUC's custom-backend interface.
     Custom {
@@ -143,7 +159,14 @@ impl SystemConfig {
             BootConfig::Uboot {
                 env: UbootEnvLocation::Partition { part, .. },
             } => named.push(("boot.uboot", part)),
-            BootConfig::Grub { .. } | BootConfig::Uboot { .. } | BootConfig::Custom { .. } => {}
+            BootConfig::SystemdBoot {
+                esp: EspLocation::Partition(part),
+                ..
+            } => named.push(("boot.systemd-boot", part)),
+            BootConfig::Grub { .. }
+            | BootConfig::Uboot { .. }
+            | BootConfig::SystemdBoot { .. }
+            | BootConfig::Custom { .. } => {}
         }
         if let Some(data) = &self.data {
             named.push(("data", data));
@@ -197,6 +220,7 @@ impl SystemConfig {
             ("grub", raw.boot.grub.is_some()),
             ("uboot", raw.boot.uboot.is_some()),
             ("custom", raw.boot.custom.is_some()),
+            ("systemd-boot", raw.boot.systemd_boot.is_some()),
         ];
         if let Some((t, _)) = other_tables
             .iter()
@@ -242,6 +266,31 @@ impl SystemConfig {
             "uboot" => BootConfig::Uboot {
                 env: uboot_location(raw.boot.uboot.unwrap_or_default())?,
             },
+            "systemd-boot" => {
+                let c = raw.boot.systemd_boot.unwrap_or_default();
+                let esp = match (c.esp, c.partlabel, c.partuuid) {
+                    (Some(p), None, None) => EspLocation::Mounted(absolute("boot.systemd-boot.esp", p)?),
+                    (None, label, uuid) if label.is_some() || uuid.is_some() => {
+                        EspLocation::Partition(
+                            PartSpec {
+                                partlabel: label,
+                                partuuid: uuid,
+                            }
+                            .into_ref("boot.systemd-boot")?,
+                        )
+                    }
+                    (None, None, None) => EspLocation::Mounted(PathBuf::from("/boot/efi")),
+                    _ => bail!("boot.systemd-boot: set either esp, or partlabel/partuuid, not both"),
+                };
+                BootConfig::SystemdBoot {
+                    esp,
+                    efivars: absolute(
+                        "boot.systemd-boot.efivars",
+                        c.efivars
+                            .unwrap_or_else(|| PathBuf::from("/sys/firmware/efi/efivars")),
+                    )?,
+                }
+            }
             "custom" => {
                 let c = raw.boot.custom.context(
                     "boot.custom.command must name the executable of the custom backend",
@@ -256,7 +305,7 @@ impl SystemConfig {
                 }
             }
             other => bail!(
-                "boot.backend {other:?} is not supported; supported backends: grub, uboot, custom"
+                "boot.backend {other:?} is not supported; supported backends: grub, uboot, systemd-boot, custom"
             ),
         };
         if raw.compatible.trim().is_empty() {
@@ -505,6 +554,17 @@ struct RawBoot {
     grub: Option<RawGrub>,
     uboot: Option<RawUboot>,
     custom: Option<RawCustom>,
+    #[serde(rename = "systemd-boot")]
+    systemd_boot: Option<RawSdBoot>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSdBoot {
+    esp: Option<PathBuf>,
+    partlabel: Option<String>,
+    partuuid: Option<String>,
+    efivars: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]

@@ -222,7 +222,7 @@ impl Disk {
 
     /// Loop devices (and their partitions) over an overlapping byte range
     /// of `part`, through the disk or whatever backs it.
-    fn overlapping_loops(&self, part: &PartInfo) -> Result<Vec<PathBuf>> {
+    pub fn overlapping_loops(&self, part: &PartInfo) -> Result<Vec<PathBuf>> {
         let disk = fs::canonicalize(&self.path)
             .with_context(|| format!("resolving {}", self.path.display()))?;
         let mut out = Vec::new();

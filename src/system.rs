@@ -48,11 +48,16 @@ impl System {
             Ok(Slot { name, part, dev })
         };
         let slots = [slot(SlotName::A)?, slot(SlotName::B)?];
-        let booted = match booted {
+        let detected = match booted {
             Some(b) => Some(b),
             None => detect_booted(&slots)?,
         };
-        let boot = boot::open(&cfg.boot, cfg.boot_tries, &disk, booted)?;
+        let boot = boot::open(&cfg.boot, cfg.boot_tries, &disk, detected)?;
+        // What the bootloader says it started comes before the command line.
+        let booted = match booted {
+            Some(b) => Some(b),
+            None => boot.backend.booted()?.or(detected),
+        };
         Ok(System {
             store: StateStore::new(&cfg.state_dir),
             cfg,

@@ -13,7 +13,8 @@ fi
 # OVMF, Debian's GRUB images, busybox and the FAT/ELF tools.
 pkgs=(gdisk e2fsprogs grub-common zstd attr acl util-linux mount tar busybox-static procps
     u-boot-tools libubootenv-tool mtools dosfstools cpio qemu-system-arm u-boot-qemu systemd
-    qemu-system-x86 ovmf grub-efi-amd64-bin grub-pc-bin file binutils)
+    qemu-system-x86 ovmf grub-efi-amd64-bin grub-pc-bin file binutils
+    fusefat systemd-boot systemd-boot-efi)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -30,6 +30,8 @@ mod install;
 mod migrate;
 #[path = "it/qemu.rs"]
 mod qemu;
+#[path = "it/sdboot.rs"]
+mod sdboot;
 #[path = "it/slots.rs"]
 mod slots;
 #[path = "it/tar_fidelity.rs"]

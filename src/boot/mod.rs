@@ -6,13 +6,15 @@
 
 pub mod bootfile;
 pub mod custom;
+pub mod esp;
 pub mod grub;
 pub mod grubslot;
+pub mod systemd_boot;
 pub mod uboot;
 pub mod ubootenv;
 
 use crate::slot::SlotName;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use serde::Serialize;
 use std::path::Path;
 
@@ -75,9 +77,16 @@ pub trait BootBackend {
     fn next_boot(&self, findable: &dyn Fn(SlotName) -> bool) -> Result<Option<SlotName>> {
         Ok(self.primary()?.filter(|s| findable(*s)))
     }
+
+    /// The slot the bootloader says it started this time, when it tells
+    /// (systemd-boot: the `LoaderEntrySelected` EFI variable). None: ask the
+    /// kernel command line.
+    fn booted(&self) -> Result<Option<SlotName>> {
+        Ok(None)
+    }
 }
 
-use crate::config::{BootConfig, GrubEnvLocation, UbootEnvLocation};
+use crate::config::{BootConfig, EspLocation, GrubEnvLocation, UbootEnvLocation};
 use crate::disk::Disk;
 use crate::mount::TempMount;
 
@@ -155,6 +164,19 @@ pub fn open(
             })
         }
         BootConfig::Custom { command, timeout } => open_custom(command, *timeout, tries),
+        BootConfig::SystemdBoot { esp, efivars } => {
+            let (esp, device) =
+                open_esp(esp, disk).map_err(|e| e.context("systemd-boot backend"))?;
+            let backend = systemd_boot::SdBootBackend::open(esp, efivars, tries)
+                .map_err(|e| e.context("systemd-boot backend"))?;
+            Ok(OpenBackend {
+                backend: Box::new(Named(backend)),
+                mount: None,
+                device,
+                part: None,
+                read_write: false,
+            })
+        }
         BootConfig::Uboot { env } => {
             let (store, part) = uboot_store(env, disk).map_err(|e| e.context("uboot backend"))?;
             let backend =
@@ -166,6 +188,66 @@ pub fn open(
                 part,
                 read_write: false,
             })
+        }
+    }
+}
+
+/// Finds the ESP: a mounted directory, or a partition of the disk, used
+/// through its mount (kernel or FUSE) when it has one, else through mtools.
+fn open_esp(loc: &EspLocation, disk: &Disk) -> Result<(esp::Esp, Option<crate::disk::PartDevice>)> {
+    match loc {
+        EspLocation::Mounted(dir) => {
+            let meta = std::fs::metadata(dir).map_err(|e| {
+                anyhow::anyhow!(
+                    "the ESP directory {} cannot be read ({e}): mount the ESP there, or set \
+                     [boot.systemd-boot] partlabel to reach it unmounted",
+                    dir.display()
+                )
+            })?;
+            let parent = dir.parent().unwrap_or(dir);
+            let parent_dev =
+                std::fs::metadata(parent).map(|m| std::os::unix::fs::MetadataExt::dev(&m));
+            if !meta.is_dir()
+                || parent_dev.is_ok_and(|d| d == std::os::unix::fs::MetadataExt::dev(&meta))
+            {
+                bail!(
+                    "{} is not a mount point: mount the ESP there (abup does not write to a \
+                     directory of the root filesystem in its place)",
+                    dir.display()
+                );
+            }
+            let shown = format!("the ESP at {}", dir.display());
+            Ok((
+                esp::Esp::Mounted {
+                    dir: dir.clone(),
+                    shown,
+                },
+                None,
+            ))
+        }
+        EspLocation::Partition(part) => {
+            let info = disk.find(part)?;
+            let dev = disk.device(info)?;
+            let shown = format!("the ESP {part} ({})", dev.path.display());
+            let mounted = match disk.mount_point(info, &dev)? {
+                Some(m) => Some(m),
+                None => {
+                    let mut devs = disk.overlapping_loops(info)?;
+                    devs.push(dev.path.clone());
+                    esp::fuse_mount_of(&devs)?
+                }
+            };
+            let esp = match mounted {
+                Some(dir) => esp::Esp::Mounted {
+                    shown: format!("{shown}, mounted at {}", dir.display()),
+                    dir,
+                },
+                None => esp::Esp::Fat {
+                    dev: dev.path.clone(),
+                    shown,
+                },
+            };
+            Ok((esp, Some(dev)))
         }
     }
 }
@@ -214,6 +296,18 @@ impl<B: BootBackend> BootBackend for Named<B> {
     fn set_state(&mut self, slot: SlotName, state: BootState) -> Result<()> {
         let r = self.0.set_state(slot, state);
         self.ctx(r)
+    }
+    fn prepare_slot(&self, slot: SlotName, dev: &Path) -> Result<String> {
+        self.ctx(self.0.prepare_slot(slot, dev))
+    }
+    fn unfindable(&self, slot: SlotName, dev: &Path, mounted_at: Option<&Path>) -> Option<String> {
+        self.0.unfindable(slot, dev, mounted_at)
+    }
+    fn next_boot(&self, findable: &dyn Fn(SlotName) -> bool) -> Result<Option<SlotName>> {
+        self.ctx(self.0.next_boot(findable))
+    }
+    fn booted(&self) -> Result<Option<SlotName>> {
+        self.ctx(self.0.booted())
     }
 }
 
