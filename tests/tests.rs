@@ -14,6 +14,8 @@ mod backends;
 mod bad_input;
 #[path = "it/bootfiles.rs"]
 mod bootfiles;
+#[path = "it/bootfiles_boot.rs"]
+mod bootfiles_boot;
 #[path = "it/crash.rs"]
 mod crash;
 #[path = "it/format.rs"]

@@ -530,13 +530,21 @@ fn backups_counted(fs: Fs) {
 /// holds them, through `debugfs -c` (no journal replay, as GRUB and U-Boot).
 fn bootloader_view(w: &World, rel: &str) -> Option<String> {
     let part = w.env.disk.part("boot");
-    let copy = w.env.path("boot-view.img");
-    let bytes = fs::read(&w.env.disk.image).unwrap();
-    fs::write(
-        &copy,
-        &bytes[part.start as usize..(part.start + part.size) as usize],
-    )
-    .unwrap();
+    ext4_view(&w.env.disk.image, part.start, part.size, &w.env.root, rel)
+}
+
+/// The file `rel` of the ext4 filesystem at `offset..offset+size` of
+/// `image`, as a bootloader reads it (no journal replay); None if missing.
+pub(crate) fn ext4_view(
+    image: &Path,
+    offset: u64,
+    size: u64,
+    tmp: &Path,
+    rel: &str,
+) -> Option<String> {
+    let copy = tmp.join("boot-view.img");
+    let bytes = fs::read(image).unwrap();
+    fs::write(&copy, &bytes[offset as usize..(offset + size) as usize]).unwrap();
     let out = Command::new("debugfs")
         .arg("-c")
         .arg("-R")

@@ -29,22 +29,23 @@ const PANIC: &str = "ABUP-PANIC";
 /// grub.cfg found no slot to boot and waits in its menu.
 const NO_SLOT: &str = "abup: no bootable slot";
 
-/// One disk image and everything the scenarios need around it.
-struct Rig {
-    dir: PathBuf,
-    img: PathBuf,
+/// One disk image and everything the scenarios need around it (also used
+/// by the boot-files scenario, tests/it/bootfiles_boot.rs).
+pub(crate) struct Rig {
+    pub(crate) dir: PathBuf,
+    pub(crate) img: PathBuf,
     firmware: Firmware,
     kernel: PathBuf,
     abup_small: PathBuf,
-    secret: PathBuf,
+    pub(crate) secret: PathBuf,
     public: PathBuf,
-    parts: BTreeMap<String, (u64, u64)>,
+    pub(crate) parts: BTreeMap<String, (u64, u64)>,
     boots: u32,
     boot_secs: f64,
 }
 
 impl Rig {
-    fn new(firmware: Firmware) -> Rig {
+    pub(crate) fn new(firmware: Firmware) -> Rig {
         util::require_root();
         let dir = tempfile::Builder::new()
             .prefix("abup-qemu-")
@@ -85,7 +86,7 @@ impl Rig {
         }
     }
 
-    fn part_loop(&self, label: &str) -> LoopDevice {
+    pub(crate) fn part_loop(&self, label: &str) -> LoopDevice {
         let (offset, size) = self.parts[label];
         LoopDevice::attach(
             &self.img,
@@ -99,7 +100,7 @@ impl Rig {
 
     /// The host's config: the image as the disk, the state directory on
     /// the image's data partition (mounted at `data`), `tries` boot tries.
-    fn host_config(&self, data: &Path, tries: u32) -> PathBuf {
+    pub(crate) fn host_config(&self, data: &Path, tries: u32) -> PathBuf {
         let path = self.dir.join(format!("host-{tries}.toml"));
         fs::write(
             &path,
@@ -118,7 +119,7 @@ impl Rig {
     }
 
     /// A slot root: kernel, busybox, the init, abup and its config.
-    fn rootfs(&self, version: &str, panics: bool, kernel: bool) -> PathBuf {
+    pub(crate) fn rootfs(&self, version: &str, panics: bool, kernel: bool) -> PathBuf {
         let root = self.dir.join(format!("rootfs-{version}"));
         let _ = fs::remove_dir_all(&root);
         for d in [
@@ -222,7 +223,7 @@ impl Rig {
     }
 
     /// Writes the commands the next boot runs (none when empty).
-    fn script(&self, body: &str) {
+    pub(crate) fn script(&self, body: &str) {
         let lo = self.part_loop("data");
         let m = Mount::ext4(lo.path(), true);
         let p = m.path().join("run.sh");
@@ -267,7 +268,7 @@ impl Rig {
 
     /// Boots and expects `slot` running `version`, the script run and a
     /// clean power-off.
-    fn boot_expect(&mut self, slot: &str, version: &str) -> Boot {
+    pub(crate) fn boot_expect(&mut self, slot: &str, version: &str) -> Boot {
         let b = self.boot(&[PANIC]);
         let booted = b.lines_with(BOOTED);
         assert_eq!(booted.len(), 1, "one boot, console:\n{}", b.timeline());
@@ -288,7 +289,7 @@ impl Rig {
 
     /// Boots a slot that panics: stopped at its marker, a power cut during
     /// a failing boot.
-    fn boot_panics(&mut self, slot: &str, version: &str) {
+    pub(crate) fn boot_panics(&mut self, slot: &str, version: &str) {
         let b = self.boot(&[PANIC]);
         assert_eq!(
             b.ended,
