@@ -316,6 +316,7 @@ impl SystemConfig {
             0 => bail!("migrate.timeout_secs must be at least 1"),
             s => std::time::Duration::from_secs(s),
         };
+        let boot_files = boot_files_beside(&boot, raw.boot_files)?;
         Ok(SystemConfig {
             source: source.to_path_buf(),
             compatible: raw.compatible,
@@ -343,7 +344,7 @@ impl SystemConfig {
             )?,
             data: raw.data.map(|d| d.into_ref("data")).transpose()?,
             migrate_timeout,
-            boot_files: raw.boot_files.map(boot_files).transpose()?,
+            boot_files,
         })
     }
 }
@@ -418,6 +419,28 @@ fn uboot_location(u: RawUboot) -> Result<UbootEnvLocation> {
             "boot.uboot: set one of fw_env_config, envfile, or partlabel/partuuid (with path)"
         ),
     }
+}
+
+/// Resolves `[boot_files]` next to the boot backend: it may share the
+/// partition of a GRUB or U-Boot environment, not systemd-boot's ESP (whose
+/// backend keeps its own handle on it).
+fn boot_files_beside(
+    boot: &BootConfig,
+    raw: Option<RawBootFiles>,
+) -> Result<Option<BootFilesConfig>> {
+    let Some(b) = raw.map(boot_files).transpose()? else {
+        return Ok(None);
+    };
+    if let BootConfig::SystemdBoot {
+        esp: EspLocation::Partition(p),
+        ..
+    } = boot
+    {
+        if *p == b.part {
+            bail!("boot_files names the systemd-boot ESP ({p}); abup does not update boot files on that partition yet: put them on another one");
+        }
+    }
+    Ok(Some(b))
 }
 
 /// Resolves `[boot_files]`.
@@ -624,6 +647,19 @@ struct RawMigrate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn boot_files_may_not_share_the_systemd_boot_esp() {
+        let text = |table: &str| {
+            format!(
+                "compatible = \"c\"\n[disk]\ndevice = \"/dev/sda\"\n[slots.A]\npartlabel = \"a\"\n[slots.B]\npartlabel = \"b\"\n[boot]\nbackend = \"systemd-boot\"\n[boot.systemd-boot]\npartlabel = \"esp\"\n[boot_files]\n{table}\n"
+            )
+        };
+        let e = SystemConfig::parse(&text("partlabel = \"esp\""), Path::new("t")).unwrap_err();
+        assert!(format!("{e:#}").contains("systemd-boot ESP"), "{e:#}");
+        let c = SystemConfig::parse(&text("partlabel = \"boot\""), Path::new("t")).unwrap();
+        assert_eq!(c.boot_files.unwrap().part, PartRef::Label("boot".into()));
+    }
 
     const FULL: &str = r#"
 compatible = "acme-gw"
