@@ -536,19 +536,15 @@ fn boot_files(
 ) -> Result<Done<()>> {
     let dev = &sys.slot(target).dev.path;
     let mut comment = sys.boot.backend.prepare_slot(target, dev)?;
-    match new {
-        Some(_) if no_activate => {
-            comment += "; boot files not installed with --no-activate (the boot partition follows the slot that boots)";
+    if let Some(files) = new {
+        let opened = crate::bootfiles::open(sys, true)?
+            .context("the bundle carries boot files but the config has no [boot_files]")?;
+        let done = match no_activate {
+            true => opened.stage(target, files),
+            false => opened.install(target, files),
         }
-        Some(files) => {
-            let opened = crate::bootfiles::open(sys, true)?
-                .context("the bundle carries boot files but the config has no [boot_files]")?;
-            let done = opened
-                .install(target, files)
-                .context("updating the boot files")?;
-            comment = format!("{comment}; {done}");
-        }
-        None => {}
+        .context("updating the boot files")?;
+        comment = format!("{comment}; {done}");
     }
     Ok(Done::changed((), comment))
 }

@@ -52,6 +52,10 @@
 //! or `rollback`) that slot's set is restored from its `keep-` copy by the
 //! same transaction.
 //!
+//! # Not activated
+//! An install with `--no-activate` keeps the new set in `keep-<slot>/`
+//! without touching the live files; activating the slot brings it in.
+//!
 //! # Protected files
 //! Files named in `boot_files.protected` (edited on the device, such as
 //! `config.txt`) are never replaced, removed or backed up once they exist;
@@ -724,6 +728,42 @@ impl Opened {
         let n = self.apply(sets, from, to, changes, set.clone())?;
         Ok(format!(
             "{n} boot files changed on the boot partition (set {} of slot {to}, {} files; slot {from}'s kept for a fallback)",
+            set.id(),
+            set.files.len()
+        ))
+    }
+
+    /// Keeps `new` as slot `to`'s set without making it live (an install
+    /// with `--no-activate`): its files that differ from the live ones go
+    /// to `keep-<to>/`, so activating the slot later brings them in.
+    pub fn stage(&self, to: SlotName, new: &NewFiles) -> Result<String> {
+        let mut sets = load_sets(&self.tree)?;
+        let from = sets.live.unwrap_or(to.other());
+        if from == to {
+            return self.install(to, new);
+        }
+        let (changes, set, found) = self.plan_install(&sets, from, new)?;
+        self.check_space(&changes)?;
+        if sets.live.is_none() {
+            *sets.get_mut(from) = Some(found);
+            sets.live = Some(from);
+        }
+        // No half-kept set is ever recorded: the record goes first.
+        *sets.get_mut(to) = None;
+        write_record(&self.tree, SETS, &sets)?;
+        self.tree.remove_tree(&keep_dir(to))?;
+        for c in &changes {
+            if let Some(d) = &c.data {
+                failpoint!("bootfiles:write");
+                self.tree.write(&kept(to, &c.entry.path), d)?;
+            }
+        }
+        *sets.get_mut(to) = Some(set.clone());
+        failpoint!("bootfiles:record");
+        write_record(&self.tree, SETS, &sets)?;
+        self.tree.checkpoint()?;
+        Ok(format!(
+            "boot files of slot {to} kept on the boot partition (set {}, {} files); they go live when slot {to} is activated",
             set.id(),
             set.files.len()
         ))

@@ -585,6 +585,25 @@ fn ext4_boot_files_reach_the_bootloaders_view_while_mounted() {
     assert_eq!(bootloader_view(&w, "overlays/new.dtbo"), None);
 }
 
+/// `--no-activate` keeps the new set aside; `mark-active` brings it in.
+fn no_activate_keeps_the_set_for_later(fs: Fs) {
+    let w = World::new(fs);
+    let v2 = w.bundle("2.0.0", V2);
+    let report = w.env.install_ok("A", &v2, &["--no-activate"]);
+    assert!(
+        step_comment(&report, "boot-files").contains("go live when slot B is activated"),
+        "{report}"
+    );
+    assert_files(&w.boot_files(), &expected(FACTORY), "after --no-activate");
+    let st = w.env.status(Some("A"));
+    assert_eq!(st["boot_files"]["live"], "A", "{st}");
+    assert_eq!(st["boot_files"]["sets"]["B"]["version"], "2.0.0", "{st}");
+    w.env.abup(&["--booted-slot", "A", "mark-active", "B"]).ok();
+    assert_files(&w.boot_files(), &expected(V2), "after mark-active B");
+    w.env.abup(&["--booted-slot", "A", "mark-active", "A"]).ok();
+    assert_files(&w.boot_files(), &expected(FACTORY), "after mark-active A");
+}
+
 /// Each scenario runs on ext4 and on FAT.
 macro_rules! on_both {
     ($($scenario:ident: $ext4:ident, $fat:ident;)*) => {$(
@@ -605,6 +624,7 @@ on_both! {
     recover_verb_and_error_undo: ext4_recover_verb_and_errors_undo, fat_recover_verb_and_errors_undo;
     backups_counted: ext4_backups_count_in_the_space_check, fat_backups_count_in_the_space_check;
     out_of_space_refused: ext4_out_of_space_is_refused_before_any_write, fat_out_of_space_is_refused_before_any_write;
+    no_activate_keeps_the_set_for_later: ext4_no_activate_keeps_the_boot_files_for_later, fat_no_activate_keeps_the_boot_files_for_later;
 }
 
 #[test]
