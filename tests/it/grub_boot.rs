@@ -287,6 +287,19 @@ impl Rig {
         b
     }
 
+    /// Boots until the console shows `at`, then kills QEMU there: a power
+    /// cut.
+    fn power_cut(&mut self, at: &str) -> Boot {
+        let b = self.boot(&[at, PANIC]);
+        assert_eq!(
+            b.ended,
+            Ended::Stopped(at.to_string()),
+            "console:\n{}",
+            b.timeline()
+        );
+        b
+    }
+
     /// Boots a slot that panics: stopped at its marker, a power cut during
     /// a failing boot.
     pub(crate) fn boot_panics(&mut self, slot: &str, version: &str) {
@@ -428,8 +441,23 @@ fn scenarios(firmware: Firmware) {
             ("B_GOOD", "0"),
         ],
     );
+    // Power cuts during the first boots of the new slot: once GRUB counted
+    // the try, and once the slot's init is up. Each counts a try (B is not
+    // committed yet), and GRUB's view, read without journal replay, still
+    // picks B; the third try then boots it.
+    for (n, at) in [("1", "abup: slot B, try 1 of 3"), ("2", BOOTED)] {
+        rig.power_cut(at);
+        let view = rig.grub_view();
+        env_has(&view, &[("ORDER", "B A"), ("B_OK", "1"), ("B_TRY", n)]);
+        assert_eq!(grub_picks(&view).as_deref(), Some("B"), "{view:?}");
+    }
     rig.script("abup status\nabup mark-good\nabup status --json");
     let b = rig.boot_expect("B", "2.0.0");
+    assert!(
+        b.text().contains("abup: slot B, try 3 of 3"),
+        "{}",
+        b.text()
+    );
     assert!(
         b.text().contains("booted:     B"),
         "abup status in the VM:\n{}",
@@ -473,6 +501,18 @@ fn scenarios(firmware: Firmware) {
     )
     .ok();
     rig.boot_panics("A", "3.1.0");
+    // Power cuts during the first boots after the fallback: GRUB writes
+    // nothing for the good slot, so its view stays as it was, B.
+    let fell_back = rig.grub_view();
+    assert_eq!(
+        grub_picks(&fell_back).as_deref(),
+        Some("B"),
+        "{fell_back:?}"
+    );
+    for at in ["abup: slot B (good)", BOOTED] {
+        rig.power_cut(at);
+        assert_eq!(rig.grub_view(), fell_back, "cut at {at:?}");
+    }
     rig.script("abup status");
     let b = rig.boot_expect("B", "2.0.0");
     assert!(
