@@ -47,8 +47,10 @@ pub fn build_initramfs(kdir: &Path, init: &Path, out: &Path, files: &[&Path]) {
 }
 
 /// How long one boot may take before it is killed: about 20 times a quiet
-/// boot here (11-18 s under TCG), because on a loaded shared machine a boot
-/// takes several times as long. Only a boot that hangs ever reaches it.
+/// boot here (11-18 s under TCG). A starved QEMU is that slow: one UEFI
+/// boot held to 10% of a core (a cgroup CPU quota, like a loaded shared
+/// machine) took 109 s to power-off, and the former 150 s limit was one
+/// reason boots "never reached init". Only a boot that hangs reaches it.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(360);
 
 /// PC firmware.
@@ -107,11 +109,11 @@ impl Boot {
     }
 
     /// Seconds after QEMU started at which `marker` first showed on the
-    /// console.
+    /// console (escapes removed).
     pub fn secs_to(&self, marker: &str) -> Option<f64> {
-        self.console
-            .find(marker)
-            .map(|i| self.arrived(i + marker.len()))
+        let (text, ends) = clean_mapped(&self.console);
+        text.find(marker)
+            .map(|i| self.arrived(ends[i + marker.len() - 1]))
     }
 
     /// The console, cleaned, each line prefixed with when it arrived
@@ -133,15 +135,22 @@ impl Boot {
 
 /// Removes `\r` and ANSI escape sequences.
 pub fn clean(s: &str) -> String {
+    clean_mapped(s).0
+}
+
+/// [`clean`], and for each byte of the result the offset in `s` just after
+/// the character it came from.
+fn clean_mapped(s: &str) -> (String, Vec<usize>) {
     let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
+    let mut ends = Vec::with_capacity(s.len());
+    let mut chars = s.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
         match c {
             '\r' => {}
             '\u{1b}' => {
-                if chars.peek() == Some(&'[') {
+                if chars.peek().map(|&(_, n)| n) == Some('[') {
                     chars.next();
-                    while let Some(&n) = chars.peek() {
+                    while let Some(&(_, n)) = chars.peek() {
                         chars.next();
                         if n.is_ascii_alphabetic() {
                             break;
@@ -149,10 +158,13 @@ pub fn clean(s: &str) -> String {
                     }
                 }
             }
-            c => out.push(c),
+            c => {
+                out.push(c);
+                ends.resize(out.len(), i + c.len_utf8());
+            }
         }
     }
-    out
+    (out, ends)
 }
 
 /// A QEMU virtual machine: the program and its arguments, the serial
@@ -166,6 +178,17 @@ pub struct Vm {
 }
 
 impl Vm {
+    /// Any QEMU: `program` (e.g. `qemu-system-aarch64`) with its machine,
+    /// firmware and disk arguments; [`boot`](Self::boot) adds the console
+    /// and no-reboot ones. Timeout [`BOOT_TIMEOUT`].
+    pub fn new<S: Into<String>>(program: &str, args: impl IntoIterator<Item = S>) -> Vm {
+        Vm {
+            program: program.to_string(),
+            args: args.into_iter().map(Into::into).collect(),
+            timeout: BOOT_TIMEOUT,
+        }
+    }
+
     /// An x86_64 PC (q35, 512 MiB) booting `disk` (raw) through `firmware`,
     /// the disk on NVMe (built into Debian's cloud kernel, so no initramfs
     /// is needed to mount a slot). `work` holds the OVMF variable store.
@@ -193,11 +216,7 @@ impl Vm {
             "-device".to_string(),
             "nvme,serial=abup0,drive=disk0".to_string(),
         ]);
-        Vm {
-            program: "qemu-system-x86_64".to_string(),
-            args,
-            timeout: BOOT_TIMEOUT,
-        }
+        Vm::new("qemu-system-x86_64", args)
     }
 
     /// Boots once: runs QEMU with the serial console on stdout, no display,
@@ -241,20 +260,29 @@ impl Vm {
                 }
             })
         };
-        // Markers are searched in the bytes that arrived since the last
-        // look (plus a marker's length of overlap), not the whole console.
+        // Markers are searched in the cleaned console (SeaBIOS mirrors the
+        // screen with escapes between words), only from where the last look
+        // ended (less a marker's length), and only when something arrived.
         let overlap = stop_at.iter().map(|m| m.len()).max().unwrap_or(0);
-        let mut seen_to: usize = 0;
+        let (mut raw_seen, mut clean_seen) = (0, 0);
         let ended = loop {
             if child.try_wait().unwrap().is_some() {
                 break Ended::Exited;
             }
             let found = {
                 let o = out.lock().unwrap();
-                let from = seen_to.saturating_sub(overlap);
-                let new = String::from_utf8_lossy(&o.0[from..]).into_owned();
-                seen_to = o.0.len();
-                stop_at.iter().find(|m| new.contains(**m)).copied()
+                if o.0.len() == raw_seen {
+                    None
+                } else {
+                    raw_seen = o.0.len();
+                    let text = clean(&String::from_utf8_lossy(&o.0));
+                    let mut from = clean_seen.min(text.len()).saturating_sub(overlap);
+                    while !text.is_char_boundary(from) {
+                        from -= 1;
+                    }
+                    clean_seen = text.len();
+                    stop_at.iter().find(|m| text[from..].contains(**m)).copied()
+                }
             };
             if let Some(m) = found {
                 let _ = child.kill();
@@ -311,10 +339,10 @@ fn initramfs_loads_the_virtio_disk_stack() {
         .unwrap()
         .set_len(16 << 20)
         .unwrap();
-    let vm = Vm {
-        program: "qemu-system-x86_64".to_string(),
-        args: vec![
-            "-machine".into(),
+    let vm = Vm::new(
+        "qemu-system-x86_64",
+        [
+            "-machine".to_string(),
             "q35".into(),
             "-m".into(),
             "512".into(),
@@ -327,8 +355,7 @@ fn initramfs_loads_the_virtio_disk_stack() {
             "-drive".into(),
             format!("file={},if=virtio,format=raw", disk.display()),
         ],
-        timeout: BOOT_TIMEOUT,
-    };
+    );
     let boot = vm.boot(&["INITRAMFS-DISK"]);
     assert!(
         boot.text().contains("INITRAMFS-DISK /dev/vda"),
