@@ -128,6 +128,20 @@ impl BootBackend for UbootBackend {
         })
     }
 
+    /// What boot.cmd boots: the first slot in `BOOT_ORDER` with tries left;
+    /// when none has any, the first in `BOOT_ORDER` without counting, and
+    /// with `BOOT_ORDER` empty, A. (boot.cmd does not skip a slot whose
+    /// kernel is missing: it stops there.)
+    fn next_boot(&self, _findable: &dyn Fn(SlotName) -> bool) -> Result<Option<SlotName>> {
+        let vars = self.store.load()?.vars;
+        if let Some(s) = self.primary()? {
+            return Ok(Some(s));
+        }
+        Ok(Some(
+            self.order(&vars)?.first().copied().unwrap_or(SlotName::A),
+        ))
+    }
+
     fn state(&self, slot: SlotName) -> Result<BootSlotInfo> {
         let vars = self.store.load()?.vars;
         let left = self.left(&vars, slot)?;
@@ -210,6 +224,34 @@ mod tests {
         v.insert("BOOT_B_LEFT".into(), "0".into());
         b.store.store(&loaded, &v).unwrap();
         assert_eq!(b.primary().unwrap(), Some(SlotName::A));
+        let any = |_: SlotName| true;
+        assert_eq!(b.next_boot(&any).unwrap(), Some(SlotName::A));
+        // No tries left anywhere: boot.cmd boots the first in BOOT_ORDER
+        // without counting, and A when BOOT_ORDER is empty.
+        for (order, next) in [
+            ("B A", SlotName::B),
+            ("A B", SlotName::A),
+            ("", SlotName::A),
+        ] {
+            let loaded = b.store.load().unwrap();
+            let mut v = loaded.vars.clone();
+            v.insert("BOOT_ORDER".into(), order.into());
+            v.insert("BOOT_A_LEFT".into(), "0".into());
+            v.insert("BOOT_B_LEFT".into(), "0".into());
+            b.store.store(&loaded, &v).unwrap();
+            assert_eq!(b.primary().unwrap(), None);
+            assert_eq!(
+                b.next_boot(&any).unwrap(),
+                Some(next),
+                "BOOT_ORDER={order:?}"
+            );
+        }
+        let loaded = b.store.load().unwrap();
+        let mut v = loaded.vars.clone();
+        v.insert("BOOT_ORDER".into(), "B A".into());
+        v.insert("BOOT_A_LEFT".into(), "3".into());
+        v.insert("BOOT_B_LEFT".into(), "0".into());
+        b.store.store(&loaded, &v).unwrap();
         let before = std::fs::read(&p).unwrap();
         b.set_state(SlotName::A, BootState::Good).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), before, "no-op must not write");

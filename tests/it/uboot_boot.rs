@@ -309,6 +309,14 @@ fn uboot_real_boots_install_fallback_and_no_boot_loop() {
     let r = boot(&image, &work, long);
     assert_eq!(r.boots(), [("B".into(), "2.0.0".into())], "{}", r.console);
     assert_eq!(printenv(&env)["BOOT_B_LEFT"], "0");
+    // No slot has tries left: status names the slot U-Boot boots uncounted
+    // (the boot below proves it), with no "nothing bootable" warning.
+    let st = env.status(Some("B"));
+    assert_eq!(st["primary"], "B", "{st:#}");
+    assert!(
+        !st["warnings"].to_string().contains("no slot it can boot"),
+        "{st:#}"
+    );
     let r = boot(&image, &work, long);
     assert_eq!(r.boots(), [("B".into(), "2.0.0".into())], "{}", r.console);
     assert!(
