@@ -34,6 +34,8 @@ mod migrate;
 mod qemu;
 #[path = "it/sdboot.rs"]
 mod sdboot;
+#[path = "it/sdboot_boot.rs"]
+mod sdboot_boot;
 #[path = "it/slots.rs"]
 mod slots;
 #[path = "it/tar_fidelity.rs"]
