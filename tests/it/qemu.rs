@@ -53,6 +53,35 @@ pub fn build_initramfs(kdir: &Path, init: &Path, out: &Path, files: &[&Path]) {
 /// reason boots "never reached init". Only a boot that hangs reaches it.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(360);
 
+/// A QEMU test's work directory (disk image, bundles, firmware variables):
+/// removed on drop, pass or fail, unless `ABUP_QEMU_KEEP` is set.
+pub struct WorkDir(PathBuf);
+
+impl WorkDir {
+    pub fn new(prefix: &str) -> WorkDir {
+        let dir = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir()
+            .expect("creating a work dir")
+            .keep();
+        WorkDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if std::env::var_os("ABUP_QEMU_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        } else {
+            eprintln!("kept {}", self.0.display());
+        }
+    }
+}
+
 /// PC firmware.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Firmware {
@@ -130,6 +159,24 @@ impl Boot {
             }
         }
         out
+    }
+}
+
+impl Boot {
+    /// Checks that this boot printed exactly one `{marker} slot={slot}
+    /// version={version} …` line (the test slots' inits print one) and
+    /// ended as `ended`; the console is in the message otherwise.
+    #[track_caller]
+    pub fn assert_booted(&self, marker: &str, slot: &str, version: &str, ended: &Ended) {
+        assert_eq!(&self.ended, ended, "console:\n{}", self.timeline());
+        let booted = self.lines_with(marker);
+        let want = format!("{marker} slot={slot} version={version}");
+        assert!(
+            booted.len() == 1
+                && (booted[0].trim_end() == want || booted[0].starts_with(&format!("{want} "))),
+            "expected slot {slot} version {version}, got {booted:?}; console:\n{}",
+            self.timeline()
+        );
     }
 }
 

@@ -64,6 +64,8 @@ struct Rig {
     config: PathBuf,
     boots: u32,
     boot_secs: f64,
+    // Last: removed after everything that lives in it.
+    _work: qemu::WorkDir,
 }
 
 fn s(p: &Path) -> &str {
@@ -73,11 +75,8 @@ fn s(p: &Path) -> &str {
 impl Rig {
     fn new(tries: u32) -> Rig {
         util::require_root();
-        let dir = tempfile::Builder::new()
-            .prefix("abup-sdboot-")
-            .tempdir()
-            .unwrap()
-            .keep();
+        let work = qemu::WorkDir::new("abup-sdboot-");
+        let dir = work.path().to_path_buf();
         let img = dir.join("disk.img");
         fs::File::create(&img).unwrap().set_len(240 << 20).unwrap();
         sh(Command::new("sgdisk")
@@ -102,6 +101,7 @@ impl Rig {
             kdir,
             img,
             dir,
+            _work: work,
             boots: 0,
             boot_secs: 0.0,
         };
@@ -280,43 +280,21 @@ impl Rig {
     /// (LoaderEntrySelected), and a clean power-off.
     fn boot_expect(&mut self, slot: &str, version: &str, entry: &str) {
         let b = self.boot();
-        let booted = b.lines_with(BOOTED);
-        assert_eq!(booted.len(), 1, "one boot, console:\n{}", b.text());
-        assert_eq!(
-            booted[0].trim_end(),
-            format!("{BOOTED} slot={slot} version={version} selected={entry}"),
-            "console:\n{}",
-            b.text()
+        b.assert_booted(BOOTED, slot, version, &Ended::Exited);
+        assert!(
+            b.lines_with(BOOTED)[0]
+                .trim_end()
+                .ends_with(&format!(" selected={entry}")),
+            "expected entry {entry}: {:?}",
+            b.lines_with(BOOTED)
         );
-        assert_eq!(b.ended, Ended::Exited, "console:\n{}", b.text());
         assert!(b.text().contains("ABUP-POWEROFF"), "console:\n{}", b.text());
     }
 
     /// Boots a slot that panics; the VM is stopped there (a crash).
     fn boot_panics(&mut self, slot: &str, version: &str) {
         let b = self.boot();
-        assert_eq!(
-            b.ended,
-            Ended::Stopped(PANIC.to_string()),
-            "console:\n{}",
-            b.text()
-        );
-        let booted = b.lines_with(BOOTED);
-        assert!(
-            booted.len() == 1
-                && booted[0].starts_with(&format!("{BOOTED} slot={slot} version={version} ")),
-            "expected the broken slot {slot} {version}: {booted:?}"
-        );
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        if std::env::var_os("ABUP_QEMU_KEEP").is_none() {
-            let _ = fs::remove_dir_all(&self.dir);
-        } else {
-            eprintln!("kept {}", self.dir.display());
-        }
+        b.assert_booted(BOOTED, slot, version, &Ended::Stopped(PANIC.to_string()));
     }
 }
 
