@@ -116,7 +116,16 @@ impl Esp {
     /// the change to the disk.
     pub fn rename(&self, dir: &str, from: &str, to: &str) -> Result<()> {
         let what = format!("renaming {dir}/{from} to {to} on {}", self.describe());
-        crate::failpoint::hit(&format!("esp-rename:{to}")).with_context(|| what.clone())?;
+        // Fail points: `esp-rename:NEW` before any rename; during the flip
+        // also `flip-before-rename` and `flip-after-rename` (the crash
+        // matrix's names: before the new name exists, and after, before it
+        // is flushed).
+        let flip = crate::signal::flipping();
+        let point = |p: &str| crate::failpoint::hit(p).with_context(|| what.clone());
+        point(&format!("esp-rename:{to}"))?;
+        if flip {
+            point("flip-before-rename")?;
+        }
         match self {
             Esp::Mounted { dir: root, .. } => {
                 let d = root.join(dir);
@@ -126,7 +135,7 @@ impl Esp {
                 if new.exists() && !from.eq_ignore_ascii_case(to) {
                     bail!("{what}: {} exists already", new.display());
                 }
-                std::fs::rename(&old, &new).map_err(|e| {
+                let renamed = std::fs::rename(&old, &new).map_err(|e| {
                     let hint = if e.raw_os_error() == Some(nix::libc::ENOSPC) {
                         "the ESP is full: free space on it and retry"
                     } else {
@@ -134,7 +143,11 @@ impl Esp {
                          directory grows by a cluster when it fills up)"
                     };
                     anyhow::anyhow!("{what}: {e}; {hint}")
-                })?;
+                });
+                renamed?;
+                if flip {
+                    point("flip-after-rename")?;
+                }
                 // Flush: the directory (kernel FAT), else the filesystem
                 // (FUSE drivers may not implement fsync on directories).
                 let dirf =
@@ -157,6 +170,9 @@ impl Esp {
                         bail!("{what}: mren: {err}; the ESP is full: free space on it and retry");
                     }
                     bail!("{what}: mren failed: {err}");
+                }
+                if flip {
+                    point("flip-after-rename")?;
                 }
                 File::open(dev)
                     .and_then(|f| f.sync_all())

@@ -682,3 +682,45 @@ fn full_esp(mode: EspMode) {
             .failed(3, &["no entry for slot B", "README"]);
     }
 }
+
+/// A crash on either side of the flip's one rename leaves an ESP that
+/// systemd-boot and abup agree on: before it, A still boots (B stays
+/// without tries); after it, B boots next with its fresh counter.
+#[test]
+fn sdboot_install_killed_around_the_flip_leaves_a_consistent_esp() {
+    use std::os::unix::process::ExitStatusExt;
+    for (point, entries, next) in [
+        (
+            "flip-before-rename",
+            ["abup-0-b+0.conf", "abup-1-a.conf"],
+            "A",
+        ),
+        (
+            "flip-after-rename",
+            ["abup-1-a.conf", "abup-2-b+3.conf"],
+            "B",
+        ),
+    ] {
+        let sd = SdEnv::new(EspMode::Fat);
+        let bundle = sd.env.simple_bundle("1.0.0");
+        let out = Command::new(abup_bin())
+            .args([
+                "--config",
+                s(&sd.env.config),
+                "--booted-slot",
+                "A",
+                "install",
+            ])
+            .arg(&bundle)
+            .env("ABUP_FAILPOINTS", format!("{point}=kill"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.signal(), Some(9), "{point}: not killed: {out:?}");
+        assert!(
+            leaked_loops(&sd.env.disk.device()).is_empty(),
+            "{point}: loop devices left"
+        );
+        assert_eq!(sd.entries(), names(&entries), "{point}");
+        agree(&sd, "A", next);
+    }
+}
