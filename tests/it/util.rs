@@ -300,7 +300,20 @@ pub struct TestDisk {
 impl Drop for TestDisk {
     fn drop(&mut self) {
         if let (true, Some(w)) = (self.partx, &self.whole) {
-            let _ = Command::new("partx").arg("-d").arg(w.path()).status();
+            // A partition still held (a slow unmount, a dying child) makes
+            // `partx -d` fail for it; a kernel partition left behind would
+            // outlive the detach and break the next user of this loop number.
+            for attempt in 0..20u64 {
+                let done = Command::new("partx")
+                    .arg("-d")
+                    .arg(w.path())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if done {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(50 * (attempt + 1)));
+            }
         }
     }
 }
@@ -429,6 +442,13 @@ impl TestDisk {
             .whole
             .as_ref()
             .expect("partx needs a whole-disk loop device");
+        // Partitions a crashed user of this loop number left in the kernel
+        // would make `partx -a` fail: clear them first.
+        let _ = Command::new("partx")
+            .arg("-d")
+            .arg(w.path())
+            .stderr(Stdio::null())
+            .status();
         sh(Command::new("partx").arg("-a").arg(w.path()));
         self.partx = true;
         // devtmpfs creates the nodes asynchronously.
