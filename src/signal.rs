@@ -130,6 +130,15 @@ pub fn check() -> anyhow::Result<()> {
     }
 }
 
+/// [`check`] for code behind a `Read`: the [`Interrupted`] travels inside
+/// the `io::Error`, where [`interrupted_by`] finds it.
+pub fn check_io() -> std::io::Result<()> {
+    match pending() {
+        Some(signal) => Err(std::io::Error::other(Interrupted { signal })),
+        None => Ok(()),
+    }
+}
+
 /// Marks the start of the flip: signals no longer stop the run.
 pub fn flip_begun() {
     FLIPPING.store(true, Ordering::SeqCst);
@@ -142,7 +151,14 @@ pub fn flipping() -> bool {
 
 /// The signal that stopped a run, from its error chain.
 pub fn interrupted_by(err: &anyhow::Error) -> Option<Interrupted> {
-    err.downcast_ref::<Interrupted>().copied()
+    err.chain().find_map(|e| {
+        e.downcast_ref::<Interrupted>().copied().or_else(|| {
+            e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<Interrupted>())
+                .copied()
+        })
+    })
 }
 
 #[cfg(test)]
@@ -155,5 +171,11 @@ mod tests {
         assert_eq!(interrupted_by(&e).map(|i| i.name()), Some("SIGTERM"));
         assert!(format!("{e:#}").contains("interrupted by SIGTERM"));
         assert_eq!(interrupted_by(&anyhow::anyhow!("other")), None);
+        // Through a reader: inside an io::Error, under context.
+        let io = std::io::Error::other(Interrupted { signal: SIGINT });
+        let e = anyhow::Error::from(io).context("reading the payload for /dev/x");
+        assert_eq!(interrupted_by(&e).map(|i| i.name()), Some("SIGINT"));
+        let plain = anyhow::Error::from(std::io::Error::other("bad chunk"));
+        assert_eq!(interrupted_by(&plain), None);
     }
 }

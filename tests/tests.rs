@@ -30,6 +30,8 @@ mod hostile;
 mod install;
 #[path = "it/migrate.rs"]
 mod migrate;
+#[path = "it/pipeline.rs"]
+mod pipeline;
 #[path = "it/qemu.rs"]
 mod qemu;
 #[path = "it/sdboot.rs"]

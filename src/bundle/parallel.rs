@@ -11,6 +11,7 @@
 //! (an error downstream), every thread stops at its next send.
 
 use super::reader::{payload_error, BundleHeader, ChunkCheck, ChunkId, Chunks, PayloadReader};
+use crate::write::pipeline::recv_checking_signals;
 use anyhow::Result;
 use std::io::{self, BufRead, Read};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
@@ -172,9 +173,9 @@ where
                 return Ok(&[]);
             }
             let rx = &self.outs[self.next % self.outs.len()];
-            let got = rx
-                .recv()
-                .unwrap_or_else(|_| Err(io::Error::other("the chunk checking threads stopped")));
+            // A signal is not a failure of the stream: returned, not kept.
+            let got = recv_checking_signals(rx)?
+                .unwrap_or_else(|| Err(io::Error::other("the chunk checking threads stopped")));
             match got {
                 Ok(buf) => {
                     let old = std::mem::replace(&mut self.buf, buf);

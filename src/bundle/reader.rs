@@ -818,7 +818,11 @@ impl<B: BufRead> Read for PayloadReader<B> {
             return Ok(0);
         }
         let n = self.decoder.read(buf).map_err(|e| {
-            if is_payload_error(&e) || e.kind() == io::ErrorKind::Interrupted {
+            if is_payload_error(&e)
+                || e.kind() == io::ErrorKind::Interrupted
+                || e.get_ref()
+                    .is_some_and(|i| i.is::<crate::signal::Interrupted>())
+            {
                 e
             } else {
                 payload_error(

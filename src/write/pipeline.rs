@@ -9,8 +9,9 @@
 //! error) reach the consumer in order, after the good blocks before them.
 
 use std::io::{self, Read};
-use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
+use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, Sender};
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 /// Size of one block handed from the decompressor to the writer.
 pub const BLOCK: usize = 2 << 20;
@@ -86,11 +87,11 @@ impl<T> Read for ReadAhead<T> {
         }
         if self.pos >= self.buf.len() {
             let Some(rx) = &self.rx else { return Ok(0) };
-            match rx.recv() {
+            match recv_checking_signals(rx)? {
                 // The thread is done: the end of the stream.
-                Err(_) => return Ok(0),
-                Ok(Err(e)) => return Err(e),
-                Ok(Ok(buf)) => {
+                None => return Ok(0),
+                Some(Err(e)) => return Err(e),
+                Some(Ok(buf)) => {
                     let old = std::mem::replace(&mut self.buf, buf);
                     let _ = self.back.send(old);
                     self.pos = 0;
@@ -101,6 +102,25 @@ impl<T> Read for ReadAhead<T> {
         out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
+    }
+}
+
+/// How often a consumer waiting for the next block looks for a signal.
+const SIGNAL_POLL: Duration = Duration::from_millis(100);
+
+/// Waits for the next message, but stops with the [`crate::signal`] error
+/// (inside an `io::Error`, see [`crate::signal::interrupted_by`]) when a
+/// signal asks the run to stop: the producer may be stuck in a read that
+/// never returns (a stalled stdin), and the consumer is the safe point.
+/// `None` once the producer is gone.
+pub(crate) fn recv_checking_signals<M>(rx: &Receiver<M>) -> io::Result<Option<M>> {
+    loop {
+        crate::signal::check_io()?;
+        match rx.recv_timeout(SIGNAL_POLL) {
+            Ok(m) => return Ok(Some(m)),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return Ok(None),
+        }
     }
 }
 
