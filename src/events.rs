@@ -290,6 +290,17 @@ impl<R: Read> Read for ProgressReader<R> {
     }
 }
 
+impl<R: crate::write::pipeline::Blocks> crate::write::pipeline::Blocks for ProgressReader<R> {
+    fn next_block(&mut self) -> std::io::Result<&[u8]> {
+        let b = self.inner.next_block()?;
+        if !b.is_empty() {
+            self.count += b.len() as u64;
+            self.progress.set(self.count);
+        }
+        Ok(b)
+    }
+}
+
 /// Human-readable byte count: 1.5 MiB.
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

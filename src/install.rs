@@ -19,10 +19,9 @@ use crate::report::{Done, FlipUnconfirmed, Reporter, StepKind::*};
 use crate::slot::SlotName;
 use crate::state::{self, Content, SlotRecord};
 use crate::system::{self, System};
-use crate::write::pipeline::ReadAhead;
+use crate::write::pipeline::{BlockRead, ReadAhead};
 use crate::{bundle, migrate, seal, write};
 use anyhow::{bail, Context, Result};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// What the user asked for.
@@ -160,9 +159,12 @@ fn transaction(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
         let events = rep.events.clone();
         let (new_root, ahead) = rep.step("write", Write, || {
             // Reading and checking chunks run on their own threads, and
-            // decompression on another, while this one writes.
-            let mut ahead =
-                ReadAhead::start(reader).context("starting the decompression thread")?;
+            // decompression on others, while this one writes.
+            let mut ahead = if reader.decodes_ahead() {
+                ReadAhead::inline(reader)
+            } else {
+                ReadAhead::start(reader).context("starting the decompression thread")?
+            };
             let progress = events.progress("write", Some(payload.size));
             let done = write_payload(&sys, target, &payload, &mut progress.reader(&mut ahead))?;
             progress.flush();
@@ -490,7 +492,7 @@ fn write_payload(
     sys: &System,
     target: SlotName,
     payload: &Payload,
-    reader: &mut dyn Read,
+    reader: &mut dyn BlockRead,
 ) -> Result<Done<Option<TempMount>>> {
     let dev = &sys.slot(target).dev.path;
     let start = std::time::Instant::now();

@@ -11,9 +11,9 @@
 //! header into a second temporary file. The result is renamed into place, so
 //! `out` is either the old file or a complete bundle.
 //!
-//! zstd compresses on every CPU (zstd's own worker threads); gzip cuts the
-//! input into 4 MiB blocks compressed in parallel as independent gzip
-//! members, pigz-style.
+//! gzip and zstd cut the input into 4 MiB blocks compressed in parallel as
+//! independent gzip members or zstd frames, pigz-style ([`super::pgzip`]);
+//! the zstd frames are decoded in parallel at install ([`super::pzstd`]).
 
 use super::manifest::{Compression, Manifest, Payload, PayloadKind, MANIFEST_FORMAT, ROOTFS};
 use super::reader::{ChunkHasher, Layout, SignatureInfo};
@@ -651,37 +651,31 @@ impl<W: Write> Write for HashWriter<'_, W> {
 /// The compressor in front of the payload file.
 enum Encoder<W: Write> {
     None(W),
-    Gzip(super::pgzip::ParallelGzip<W>),
-    Zstd(zstd::stream::write::Encoder<'static, W>),
+    /// gzip members or zstd frames of 4 MiB of input each, compressed on
+    /// every CPU. zstd frames carry no checksum of their own: the stored
+    /// bytes are pinned by the signed chunk hashes, and `check` compares
+    /// the decompressed bytes with the manifest's SHA-256.
+    Parallel(super::pgzip::ParallelEncoder<W>),
 }
 
 impl<W: Write> Encoder<W> {
     fn new(compression: Compression, zstd_level: i32, w: W) -> Result<Self> {
-        Ok(match compression {
-            Compression::None => Encoder::None(w),
-            Compression::Gzip => Encoder::Gzip(
-                super::pgzip::ParallelGzip::new(w, flate2::Compression::default())
-                    .context("starting the gzip threads")?,
-            ),
-            Compression::Zstd => {
-                let mut e = zstd::stream::write::Encoder::new(w, zstd_level)
-                    .context("setting up zstd compression")?;
-                e.include_checksum(true)
-                    .context("setting up zstd compression")?;
-                // zstd's own worker threads, one per CPU (as `zstd -T0`).
-                let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-                e.multithread(cpus as u32)
-                    .context("setting up zstd compression threads")?;
-                Encoder::Zstd(e)
-            }
-        })
+        use super::pgzip::{Codec, ParallelEncoder};
+        let codec = match compression {
+            Compression::None => return Ok(Encoder::None(w)),
+            Compression::Gzip => Codec::Gzip(flate2::Compression::default()),
+            Compression::Zstd => Codec::Zstd(zstd_level),
+        };
+        Ok(Encoder::Parallel(
+            ParallelEncoder::new(w, codec)
+                .with_context(|| format!("starting the {compression} compression threads"))?,
+        ))
     }
 
     fn finish(self) -> io::Result<W> {
         match self {
             Encoder::None(w) => Ok(w),
-            Encoder::Gzip(e) => e.finish(),
-            Encoder::Zstd(e) => e.finish(),
+            Encoder::Parallel(e) => e.finish(),
         }
     }
 }
@@ -690,16 +684,14 @@ impl<W: Write> Write for Encoder<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Encoder::None(w) => w.write(buf),
-            Encoder::Gzip(e) => e.write(buf),
-            Encoder::Zstd(e) => e.write(buf),
+            Encoder::Parallel(e) => e.write(buf),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Encoder::None(w) => w.flush(),
-            Encoder::Gzip(e) => e.flush(),
-            Encoder::Zstd(e) => e.flush(),
+            Encoder::Parallel(e) => e.flush(),
         }
     }
 }

@@ -23,12 +23,15 @@
 //! * [`create`]: building a bundle from a directory, a tarball or an image.
 //! * [`reader`]: reading the header, verifying it, streaming payloads.
 //! * [`parallel`]: the same chunk checks on other threads, for installing.
+//! * [`pgzip`], [`pzstd`]: compression in independent blocks, so that both
+//!   `bundle create` and installing use every CPU.
 
 pub mod create;
 pub mod keys;
 pub mod manifest;
 pub mod parallel;
 pub mod pgzip;
+pub mod pzstd;
 pub mod reader;
 
 pub use create::{create, CreateOptions, Source, DEFAULT_ZSTD_LEVEL};

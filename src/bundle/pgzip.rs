@@ -1,10 +1,12 @@
-//! Parallel gzip compression for `bundle create`, pigz-style: the input is
-//! cut into 4 MiB blocks, each compressed on a worker thread into an
-//! independent gzip member, and the members are written in order. Any gzip
-//! reader that handles multi-member files (RFC 1952, `gzip -d`, flate2's
-//! `MultiGzDecoder`) reads the result as one stream.
+//! Parallel compression for `bundle create`, pigz-style: the input is cut
+//! into 4 MiB blocks, each compressed on a worker thread into an independent
+//! gzip member or zstd frame, and these are written in order. Any reader of
+//! the format reads the result as one stream (multi-member gzip per RFC
+//! 1952, `gzip -d`, flate2's `MultiGzDecoder`; concatenated zstd frames,
+//! `zstd -d`). The zstd frames declare their decompressed size, so installs
+//! decode them in parallel too ([`super::pzstd`]).
 //!
-//! Block `k` goes to worker `k % N` and its member comes back from worker
+//! Block `k` goes to worker `k % N` and its output comes back from worker
 //! `k % N`, so order is kept with bounded channels and no reordering buffer;
 //! at most about `2 N` blocks are in memory.
 
@@ -15,8 +17,44 @@ use std::thread::{self, JoinHandle};
 /// Input bytes per gzip member.
 const BLOCK: usize = 4 << 20;
 
-/// A `Write` that gzips on worker threads and writes the members to `W`.
-pub struct ParallelGzip<W: Write> {
+/// How each block is compressed.
+#[derive(Debug, Clone, Copy)]
+pub enum Codec {
+    Gzip(flate2::Compression),
+    /// A zstd level.
+    Zstd(i32),
+}
+
+/// The per-thread state of a codec.
+enum Worker {
+    Gzip(flate2::Compression),
+    Zstd(Box<zstd::bulk::Compressor<'static>>),
+}
+
+impl Worker {
+    fn new(codec: Codec) -> io::Result<Worker> {
+        Ok(match codec {
+            Codec::Gzip(level) => Worker::Gzip(level),
+            Codec::Zstd(level) => Worker::Zstd(Box::new(zstd::bulk::Compressor::new(level)?)),
+        })
+    }
+
+    fn compress(&mut self, block: &[u8]) -> io::Result<Vec<u8>> {
+        match self {
+            Worker::Gzip(level) => {
+                let out = Vec::with_capacity(block.len() / 2);
+                let mut e = flate2::write::GzEncoder::new(out, *level);
+                e.write_all(block).and_then(|()| e.finish())
+            }
+            // One frame, declaring its size (zstd does when it knows it).
+            Worker::Zstd(c) => c.compress(block),
+        }
+    }
+}
+
+/// A `Write` that compresses on worker threads and writes the members or
+/// frames to `W`.
+pub struct ParallelEncoder<W: Write> {
     inner: W,
     block: Vec<u8>,
     ins: Vec<SyncSender<Vec<u8>>>,
@@ -26,9 +64,9 @@ pub struct ParallelGzip<W: Write> {
     written: usize,
 }
 
-impl<W: Write> ParallelGzip<W> {
+impl<W: Write> ParallelEncoder<W> {
     /// Starts one worker per CPU (at most 8).
-    pub fn new(inner: W, level: flate2::Compression) -> io::Result<ParallelGzip<W>> {
+    pub fn new(inner: W, codec: Codec) -> io::Result<ParallelEncoder<W>> {
         let n = thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8));
         let mut ins = Vec::with_capacity(n);
         let mut outs = Vec::with_capacity(n);
@@ -37,12 +75,14 @@ impl<W: Write> ParallelGzip<W> {
             let (tx_in, rx_in) = sync_channel::<Vec<u8>>(1);
             let (tx_out, rx_out) = sync_channel::<io::Result<Vec<u8>>>(1);
             let handle = thread::Builder::new()
-                .name(format!("abup-gzip-{i}"))
+                .name(format!("abup-compress-{i}"))
                 .spawn(move || {
+                    let mut worker = Worker::new(codec);
                     while let Ok(block) = rx_in.recv() {
-                        let out = Vec::with_capacity(block.len() / 2);
-                        let mut e = flate2::write::GzEncoder::new(out, level);
-                        let member = e.write_all(&block).and_then(|()| e.finish());
+                        let member = match &mut worker {
+                            Ok(w) => w.compress(&block),
+                            Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+                        };
                         if tx_out.send(member).is_err() {
                             return;
                         }
@@ -52,7 +92,7 @@ impl<W: Write> ParallelGzip<W> {
             outs.push(rx_out);
             workers.push(handle);
         }
-        Ok(ParallelGzip {
+        Ok(ParallelEncoder {
             inner,
             block: Vec::with_capacity(BLOCK),
             ins,
@@ -64,7 +104,7 @@ impl<W: Write> ParallelGzip<W> {
     }
 
     fn workers_gone() -> io::Error {
-        io::Error::other("a gzip worker thread stopped")
+        io::Error::other("a compression thread stopped")
     }
 
     /// Writes the next member in order to `inner`.
@@ -92,7 +132,8 @@ impl<W: Write> ParallelGzip<W> {
 
     /// Compresses what is left and writes every member; returns `W`.
     pub fn finish(mut self) -> io::Result<W> {
-        // An empty input still makes one (empty) member: a valid gzip file.
+        // An empty input still makes one (empty) member or frame: a valid
+        // gzip or zstd file.
         if !self.block.is_empty() || self.sent == 0 {
             self.send_block()?;
         }
@@ -107,7 +148,7 @@ impl<W: Write> ParallelGzip<W> {
     }
 }
 
-impl<W: Write> Write for ParallelGzip<W> {
+impl<W: Write> Write for ParallelEncoder<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = buf.len().min(BLOCK - self.block.len());
         self.block.extend_from_slice(&buf[..n]);
@@ -133,13 +174,31 @@ mod tests {
     fn round_trips_through_a_multi_member_reader() {
         for len in [0, 10, BLOCK, 3 * BLOCK + 777] {
             let data: Vec<u8> = (0..len).map(|i| (i % 13 + i / 9999) as u8).collect();
-            let mut gz = ParallelGzip::new(Vec::new(), flate2::Compression::fast()).unwrap();
+            let gzip = Codec::Gzip(flate2::Compression::fast());
+            let mut gz = ParallelEncoder::new(Vec::new(), gzip).unwrap();
             for piece in data.chunks(100_000) {
                 gz.write_all(piece).unwrap();
             }
             let out = gz.finish().unwrap();
             let mut back = Vec::new();
             flate2::read::MultiGzDecoder::new(&out[..])
+                .read_to_end(&mut back)
+                .unwrap();
+            assert_eq!(back, data, "{len}");
+
+            let mut z = ParallelEncoder::new(Vec::new(), Codec::Zstd(3)).unwrap();
+            for piece in data.chunks(100_000) {
+                z.write_all(piece).unwrap();
+            }
+            let out = z.finish().unwrap();
+            // One stream for the zstd tool's decoder; frames for the
+            // parallel one.
+            assert_eq!(zstd::decode_all(&out[..]).unwrap(), data, "{len}");
+            let mut r = std::io::BufReader::new(&out[..]);
+            assert!(crate::bundle::pzstd::FrameReader::suits(&mut r).unwrap());
+            let mut back = Vec::new();
+            crate::bundle::pzstd::FrameReader::new(r)
+                .unwrap()
                 .read_to_end(&mut back)
                 .unwrap();
             assert_eq!(back, data, "{len}");

@@ -30,6 +30,8 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
 use std::path::Path;
 
+use crate::write::pipeline::{AlignedBuf, Blocks, BLOCK};
+
 /// The signature algorithm written into every signature block.
 const ALGORITHM: &str = "ed25519";
 
@@ -673,19 +675,27 @@ impl<R: Read> BufRead for Verified<R> {
 enum Decoder<B: BufRead> {
     None(B),
     Gzip(Box<flate2::bufread::MultiGzDecoder<B>>),
+    /// One zstd frame (or frames without declared sizes), on this thread.
     Zstd(Box<zstd::stream::read::Decoder<'static, B>>),
+    /// Sized zstd frames, as `bundle create` writes them, on every CPU.
+    ZstdFrames(Box<super::pzstd::FrameReader<B>>),
 }
 
 impl<B: BufRead> Decoder<B> {
-    fn new(stored: B, compression: Compression, name: &str) -> Result<Self> {
+    fn new(mut stored: B, compression: Compression, name: &str) -> Result<Self> {
+        let setup = || format!("setting up zstd decompression for payload {name}");
         Ok(match compression {
             Compression::None => Decoder::None(stored),
             Compression::Gzip => {
                 Decoder::Gzip(Box::new(flate2::bufread::MultiGzDecoder::new(stored)))
             }
+            Compression::Zstd if super::pzstd::FrameReader::suits(&mut stored)? => {
+                Decoder::ZstdFrames(Box::new(
+                    super::pzstd::FrameReader::new(stored).with_context(setup)?,
+                ))
+            }
             Compression::Zstd => Decoder::Zstd(Box::new(
-                zstd::stream::read::Decoder::with_buffer(stored)
-                    .with_context(|| format!("setting up zstd decompression for payload {name}"))?,
+                zstd::stream::read::Decoder::with_buffer(stored).with_context(setup)?,
             )),
         })
     }
@@ -695,6 +705,7 @@ impl<B: BufRead> Decoder<B> {
             Decoder::None(s) => s,
             Decoder::Gzip(d) => d.get_mut(),
             Decoder::Zstd(d) => d.get_mut(),
+            Decoder::ZstdFrames(d) => d.get_mut(),
         }
     }
 
@@ -703,6 +714,7 @@ impl<B: BufRead> Decoder<B> {
             Decoder::None(s) => s,
             Decoder::Gzip(d) => d.into_inner(),
             Decoder::Zstd(d) => d.finish(),
+            Decoder::ZstdFrames(d) => d.into_inner(),
         }
     }
 }
@@ -713,6 +725,7 @@ impl<B: BufRead> Read for Decoder<B> {
             Decoder::None(s) => s.read(buf),
             Decoder::Gzip(d) => d.read(buf),
             Decoder::Zstd(d) => d.read(buf),
+            Decoder::ZstdFrames(d) => d.read(buf),
         }
     }
 }
@@ -728,6 +741,8 @@ pub struct PayloadReader<B: BufRead> {
     /// SHA-256 of the decompressed bytes, when asked for
     /// ([`PayloadReader::check_content_hash`]).
     hasher: Option<Sha256>,
+    /// The buffer [`Blocks`] reads into for payloads not decoded in blocks.
+    block: Option<AlignedBuf>,
 }
 
 impl<B: BufRead> PayloadReader<B> {
@@ -738,6 +753,7 @@ impl<B: BufRead> PayloadReader<B> {
             payload: payload.clone(),
             count: 0,
             hasher: None,
+            block: None,
         })
     }
 
@@ -748,6 +764,12 @@ impl<B: BufRead> PayloadReader<B> {
     pub fn check_content_hash(mut self) -> Self {
         self.hasher = Some(Sha256::new());
         self
+    }
+
+    /// Whether decompression already runs ahead on other threads (sized
+    /// zstd frames), so that the consumer needs no read-ahead of its own.
+    pub fn decodes_ahead(&self) -> bool {
+        matches!(self.decoder, Decoder::ZstdFrames(_))
     }
 
     /// The payload being read.
@@ -812,42 +834,85 @@ impl<B: BufRead> PayloadReader<B> {
     }
 }
 
+/// A decompression error as the consumer sees it: naming the payload and
+/// saying the bundle is corrupt, unless it is a chunk's own error or a
+/// signal.
+fn decode_error(p: &Payload, e: io::Error) -> io::Error {
+    if is_payload_error(&e)
+        || e.kind() == io::ErrorKind::Interrupted
+        || e.get_ref()
+            .is_some_and(|i| i.is::<crate::signal::Interrupted>())
+    {
+        return e;
+    }
+    payload_error(
+        e.kind(),
+        format!(
+            "decompressing payload {} ({}): {e} (the bundle is corrupt)",
+            p.name, p.compression
+        ),
+    )
+}
+
+/// Counts (and hashes, when asked) decompressed bytes handed out.
+fn count_out(
+    p: &Payload,
+    count: &mut u64,
+    hasher: &mut Option<Sha256>,
+    bytes: &[u8],
+) -> io::Result<()> {
+    if *count + bytes.len() as u64 > p.size {
+        return Err(payload_error(
+            io::ErrorKind::InvalidData,
+            format!(
+                "payload {} is larger than its manifest declares ({} bytes; the bundle is corrupt)",
+                p.name, p.size
+            ),
+        ));
+    }
+    if let Some(h) = hasher {
+        h.update(bytes);
+    }
+    *count += bytes.len() as u64;
+    Ok(())
+}
+
 impl<B: BufRead> Read for PayloadReader<B> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
         }
-        let n = self.decoder.read(buf).map_err(|e| {
-            if is_payload_error(&e)
-                || e.kind() == io::ErrorKind::Interrupted
-                || e.get_ref()
-                    .is_some_and(|i| i.is::<crate::signal::Interrupted>())
-            {
-                e
-            } else {
-                payload_error(
-                    e.kind(),
-                    format!(
-                        "decompressing payload {} ({}): {e} (the bundle is corrupt)",
-                        self.payload.name, self.payload.compression
-                    ),
-                )
-            }
-        })?;
-        if self.count + n as u64 > self.payload.size {
-            return Err(payload_error(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "payload {} is larger than its manifest declares ({} bytes; the bundle is corrupt)",
-                    self.payload.name, self.payload.size
-                ),
-            ));
-        }
-        if let Some(h) = &mut self.hasher {
-            h.update(&buf[..n]);
-        }
-        self.count += n as u64;
+        let n = self
+            .decoder
+            .read(buf)
+            .map_err(|e| decode_error(&self.payload, e))?;
+        count_out(&self.payload, &mut self.count, &mut self.hasher, &buf[..n])?;
         Ok(n)
+    }
+}
+
+impl<B: BufRead> Blocks for PayloadReader<B> {
+    /// Sized zstd frames come out as decoded, in their own aligned buffers;
+    /// other payloads are read into one buffer here.
+    fn next_block(&mut self) -> io::Result<&[u8]> {
+        let PayloadReader {
+            decoder,
+            payload,
+            count,
+            hasher,
+            block,
+        } = self;
+        let out: &[u8] = match decoder {
+            Decoder::ZstdFrames(d) => d.next_block().map_err(|e| decode_error(payload, e))?,
+            _ => {
+                let buf = block.get_or_insert_with(|| AlignedBuf::new(BLOCK));
+                let n =
+                    read_full(decoder, buf.as_mut_slice()).map_err(|e| decode_error(payload, e))?;
+                &buf.as_slice()[..n]
+            }
+        };
+        count_out(payload, count, hasher, out)?;
+        Ok(out)
     }
 }
 

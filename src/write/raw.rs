@@ -1,7 +1,8 @@
 //! Raw image writer: copies a filesystem image onto a slot, byte for byte.
 //!
-//! Writes are sequential from offset 0 in 2 MiB blocks with `O_DIRECT`
-//! (aligned buffers, no page cache, so no giant final `fsync`: the closing
+//! Writes are sequential from offset 0, each block of the stream written
+//! where it lies (the decompressor's own aligned buffers, 2-4 MiB) with
+//! `O_DIRECT` (no page cache, so no giant final `fsync`: the closing
 //! `fsync` only flushes the device's cache). A device or filesystem that
 //! refuses `O_DIRECT` is written through the page cache instead. When the
 //! image size is known up front, the slot's range is first zeroed with one
@@ -15,19 +16,13 @@ use anyhow::{bail, Context, Result};
 use nix::fcntl::{fallocate, fcntl, FallocateFlags, FcntlArg, OFlag};
 use nix::{ioctl_read_bad, request_code_read};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read};
+use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use super::pipeline::read_full;
+use super::pipeline::{Blocks, ReadBlocks, ALIGN};
 use super::WriteStats;
-
-/// Size of one read and one write.
-const CHUNK: usize = 2 << 20;
-
-/// Alignment of buffers, offsets and lengths for `O_DIRECT`.
-const ALIGN: usize = 4096;
 
 /// Granularity of zero skipping.
 const PIECE: usize = 64 << 10;
@@ -113,7 +108,7 @@ pub fn write_raw(reader: &mut dyn Read, dev: &Path) -> Result<WriteStats> {
 /// the slot then holds a truncated image and must not be booted. Callers that
 /// know the size up front should check it before calling this.
 pub fn write_raw_limited(reader: &mut dyn Read, dev: &Path, capacity: u64) -> Result<WriteStats> {
-    let s = write_image(reader, dev, capacity, None)?;
+    let s = write_image(&mut ReadBlocks::new(reader), dev, capacity, None)?;
     Ok(WriteStats {
         bytes: s.bytes,
         files: 0,
@@ -121,10 +116,11 @@ pub fn write_raw_limited(reader: &mut dyn Read, dev: &Path, capacity: u64) -> Re
 }
 
 /// Streams an image of `size` bytes (when known: the slot range is zeroed
-/// first and zero pieces skipped) from `reader` onto `dev`, at most
-/// `capacity` bytes, then fsyncs.
+/// first and zero pieces skipped) from `blocks` onto `dev`, at most
+/// `capacity` bytes, then fsyncs. Each block is written where it lies:
+/// aligned blocks go to the device with `O_DIRECT` without a copy.
 pub fn write_image(
-    reader: &mut dyn Read,
+    blocks: &mut dyn Blocks,
     dev: &Path,
     capacity: u64,
     size: Option<u64>,
@@ -141,53 +137,34 @@ pub fn write_image(
     if let Some(size) = size {
         writer.zero_range(size);
     }
-    let mut block = AlignedBuf::new(CHUNK);
+    let reading = || format!("reading the payload for {}", dev.display());
     loop {
         crate::signal::check()?;
         crate::failpoint!("write-chunk");
-        let buf = block.as_mut();
-        let n = read_full(reader, buf)
-            .with_context(|| format!("reading the payload for {}", dev.display()))?;
+        let block = blocks.next_block().with_context(reading)?;
+        let n = block.len();
         if n == 0 {
             break;
         }
         if !writer.fits(n) {
             // Count the rest so the error gives the real payload size.
-            let rest = io::copy(reader, &mut io::sink())
-                .with_context(|| format!("reading the payload for {}", dev.display()))?;
+            let mut total = writer.stats.bytes + n as u64;
+            loop {
+                let more = blocks.next_block().with_context(reading)?.len();
+                if more == 0 {
+                    break;
+                }
+                total += more as u64;
+            }
             bail!(
-                "payload of {} bytes does not fit slot {} of {} bytes",
-                writer.stats.bytes + n as u64 + rest,
+                "payload of {total} bytes does not fit slot {} of {} bytes",
                 dev.display(),
                 capacity
             );
         }
-        writer.write(&buf[..n])?;
-        if n < CHUNK {
-            break;
-        }
+        writer.write(block)?;
     }
     writer.finish()
-}
-
-/// A heap buffer whose usable part starts on a 4096-byte boundary, as
-/// `O_DIRECT` needs, without any unsafe code.
-struct AlignedBuf {
-    v: Vec<u8>,
-    off: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> AlignedBuf {
-        let v = vec![0u8; len + ALIGN];
-        let off = v.as_ptr().align_offset(ALIGN).min(ALIGN);
-        AlignedBuf { v, off, len }
-    }
-
-    fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.v[self.off..self.off + self.len]
-    }
 }
 
 /// Whether `b` is all zeros (an OR over the slice, which vectorizes).
@@ -350,7 +327,8 @@ impl RawWriter {
 mod tests {
     use super::*;
     use crate::mount::LoopDevice;
-    use std::io::Cursor;
+    use crate::write::pipeline::BLOCK;
+    use std::io::{self, Cursor};
 
     /// Deterministic, non-repeating-per-chunk test data.
     fn pattern(len: usize) -> Vec<u8> {
@@ -400,7 +378,7 @@ mod tests {
         data[1 << 20..5 << 20].fill(0);
         data[(7 << 20) + 100..(8 << 20) + 5].fill(0);
         let s = write_image(
-            &mut Cursor::new(&data),
+            &mut ReadBlocks::new(Cursor::new(&data)),
             lo.path(),
             16 << 20,
             Some(data.len() as u64),
@@ -421,15 +399,16 @@ mod tests {
         // are really written.
         fs::write(img.path(), &junk).unwrap();
         let lo2 = LoopDevice::attach(img.path(), None, None, None).unwrap();
-        let s = write_image(&mut Cursor::new(&data), lo2.path(), 16 << 20, None).unwrap();
+        let mut blocks = ReadBlocks::new(Cursor::new(&data));
+        let s = write_image(&mut blocks, lo2.path(), 16 << 20, None).unwrap();
         assert!(!s.zeroed && s.zeros_skipped == 0, "{s:?}");
         assert_eq!(&fs::read(lo2.path()).unwrap()[..data.len()], &data[..]);
     }
 
     #[test]
     fn writes_exactly_full_slot() {
-        let slot = sparse_file(2 * CHUNK as u64);
-        let data = pattern(2 * CHUNK);
+        let slot = sparse_file(2 * BLOCK as u64);
+        let data = pattern(2 * BLOCK);
         let stats = write_raw(&mut Cursor::new(&data), slot.path()).unwrap();
         assert_eq!(stats.bytes, data.len() as u64);
         assert_eq!(fs::read(slot.path()).unwrap(), data);
