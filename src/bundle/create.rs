@@ -11,8 +11,8 @@
 //! header into a second temporary file. The result is renamed into place, so
 //! `out` is either the old file or a complete bundle.
 //!
-//! gzip and zstd cut the input into 4 MiB blocks compressed in parallel as
-//! independent gzip members or zstd frames, pigz-style ([`super::pgzip`]);
+//! gzip and zstd cut the input into blocks (4 MiB, 2 MiB) compressed in
+//! parallel as independent gzip members or zstd frames, pigz-style ([`super::pgzip`]);
 //! the zstd frames are decoded in parallel at install ([`super::pzstd`]).
 
 use super::manifest::{Compression, Manifest, Payload, PayloadKind, MANIFEST_FORMAT, ROOTFS};
@@ -651,7 +651,7 @@ impl<W: Write> Write for HashWriter<'_, W> {
 /// The compressor in front of the payload file.
 enum Encoder<W: Write> {
     None(W),
-    /// gzip members or zstd frames of 4 MiB of input each, compressed on
+    /// gzip members or zstd frames of 4 or 2 MiB of input, compressed on
     /// every CPU. zstd frames carry no checksum of their own: the stored
     /// bytes are pinned by the signed chunk hashes, and `check` compares
     /// the decompressed bytes with the manifest's SHA-256.

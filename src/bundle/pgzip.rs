@@ -1,6 +1,6 @@
 //! Parallel compression for `bundle create`, pigz-style: the input is cut
-//! into 4 MiB blocks, each compressed on a worker thread into an independent
-//! gzip member or zstd frame, and these are written in order. Any reader of
+//! into blocks (4 MiB for gzip, 2 MiB for zstd), each compressed on a worker
+//! thread into an independent gzip member or zstd frame, and these are written in order. Any reader of
 //! the format reads the result as one stream (multi-member gzip per RFC
 //! 1952, `gzip -d`, flate2's `MultiGzDecoder`; concatenated zstd frames,
 //! `zstd -d`). The zstd frames declare their decompressed size, so installs
@@ -16,6 +16,20 @@ use std::thread::{self, JoinHandle};
 
 /// Input bytes per gzip member.
 const BLOCK: usize = 4 << 20;
+
+/// Input bytes per zstd frame: what an install holds per frame in flight
+/// (a few of them, see [`super::pzstd`]), so smaller than a gzip member.
+pub const ZSTD_FRAME: usize = 2 << 20;
+
+impl Codec {
+    /// Input bytes per member or frame.
+    fn block(&self) -> usize {
+        match self {
+            Codec::Gzip(_) => BLOCK,
+            Codec::Zstd(_) => ZSTD_FRAME,
+        }
+    }
+}
 
 /// How each block is compressed.
 #[derive(Debug, Clone, Copy)]
@@ -57,6 +71,7 @@ impl Worker {
 pub struct ParallelEncoder<W: Write> {
     inner: W,
     block: Vec<u8>,
+    block_size: usize,
     ins: Vec<SyncSender<Vec<u8>>>,
     outs: Vec<Receiver<io::Result<Vec<u8>>>>,
     workers: Vec<JoinHandle<()>>,
@@ -94,7 +109,8 @@ impl<W: Write> ParallelEncoder<W> {
         }
         Ok(ParallelEncoder {
             inner,
-            block: Vec::with_capacity(BLOCK),
+            block: Vec::with_capacity(codec.block()),
+            block_size: codec.block(),
             ins,
             outs,
             workers,
@@ -122,7 +138,7 @@ impl<W: Write> ParallelEncoder<W> {
         if self.sent - self.written >= self.ins.len() {
             self.write_next()?;
         }
-        let block = std::mem::replace(&mut self.block, Vec::with_capacity(BLOCK));
+        let block = std::mem::replace(&mut self.block, Vec::with_capacity(self.block_size));
         self.ins[self.sent % self.ins.len()]
             .send(block)
             .map_err(|_| Self::workers_gone())?;
@@ -150,9 +166,9 @@ impl<W: Write> ParallelEncoder<W> {
 
 impl<W: Write> Write for ParallelEncoder<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = buf.len().min(BLOCK - self.block.len());
+        let n = buf.len().min(self.block_size - self.block.len());
         self.block.extend_from_slice(&buf[..n]);
-        if self.block.len() == BLOCK {
+        if self.block.len() == self.block_size {
             self.send_block()?;
         }
         Ok(n)

@@ -4,7 +4,7 @@
 //! stream of independent frames, each declaring its decompressed size, can
 //! be decoded frame by frame on every CPU, each frame straight into its
 //! output buffer (no window copy). `bundle create` writes such streams
-//! ([`super::pgzip::ParallelEncoder`], 4 MiB of input per frame), and they
+//! ([`super::pgzip::ParallelEncoder`], 2 MiB of input per frame), and they
 //! are ordinary zstd: `zstd -d` reads them as one stream.
 //!
 //! [`FrameReader`] is the consumer's side: it cuts the verified stored bytes
@@ -183,11 +183,10 @@ type Job = (Vec<u8>, usize, Option<AlignedBuf>);
 /// A decoded frame: its output and size (and its input buffer, for reuse).
 type Done = io::Result<(AlignedBuf, usize, Vec<u8>)>;
 
-/// Frames out at a time for `n` workers: one each, dispatched again as soon
-/// as the consumer takes a frame (more only costs memory: a frame is up to
-/// 4 MiB decoded).
+/// Frames out at a time for `n` workers: one each and one more, dispatched
+/// again as soon as the consumer takes a frame (more only costs memory).
 fn in_flight(n: usize) -> usize {
-    n
+    n + 1
 }
 
 /// Decompressed bytes of a multi-frame zstd stream, decoded on worker
