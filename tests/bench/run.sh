@@ -130,6 +130,7 @@ fi
 # Bundles are rebuilt by each run (the bundle format may have changed).
 bundle() { # out source-flag source compression
     [ "$BUNDLES" = reuse ] && [ -f "$1" ] && return 0
+    rm -f "$1"
     "$ABUP" bundle create "$2" "$3" --version 1.0.0 --compatible bench \
         --compression "$4" --key k.key -o "$1" >/dev/null
 }
