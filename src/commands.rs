@@ -128,16 +128,21 @@ fn control_run(
         ..RunReport::default()
     };
     let start = std::time::Instant::now();
-    let result = f(&mut sys, slot).map_err(report::flip_outcome).map(|msg| {
-        // The boot files follow the slot that now boots next.
-        match crate::bootfiles::settle(&mut sys) {
-            Ok(notes) => std::iter::once(msg)
-                .chain(notes)
-                .collect::<Vec<_>>()
-                .join("; "),
-            Err(e) => format!("{msg}; warning: {e:#}"),
-        }
-    });
+    let result = crate::migrate::data::settle(&sys)
+        .and_then(|fell_back| {
+            f(&mut sys, slot).map(|m| crate::migrate::data::with_note(m, fell_back))
+        })
+        .map_err(report::flip_outcome)
+        .map(|msg| {
+            // The boot files follow the slot that now boots next.
+            match crate::bootfiles::settle(&mut sys) {
+                Ok(notes) => std::iter::once(msg)
+                    .chain(notes)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                Err(e) => format!("{msg}; warning: {e:#}"),
+            }
+        });
     let slot = match verb {
         "rollback" => slot.other(),
         _ => slot,
@@ -276,6 +281,9 @@ fn status(cli: &Cli) -> Result<i32> {
     let root = nix::unistd::geteuid().is_root();
     let (st, boot_files) = if root {
         let mut sys = System::open(cfg.clone(), cli.booted_slot)?;
+        if let Some(note) = crate::migrate::data::settle_unless_busy(&sys)? {
+            crate::errln!("note: {note}");
+        }
         let boot_files = boot_files_status(&cfg, &mut sys)?;
         (Some(sys.status()?), boot_files)
     } else {

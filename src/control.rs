@@ -79,7 +79,7 @@ pub fn format_status(st: &Status) -> String {
 pub fn mark_good(sys: &mut System, slot: SlotName) -> Result<String> {
     refuse_incomplete(sys, slot)?;
     set_state(sys, slot, BootState::Good)?;
-    let staged = data::on_mark_good(sys, slot)?;
+    let staged = data::commit(sys, slot)?;
     Ok(data::with_note(format!("slot {slot} marked good"), staged))
 }
 
@@ -99,11 +99,7 @@ pub fn mark_active(sys: &mut System, slot: SlotName) -> Result<String> {
             r.inactive = false;
         }
     })?;
-    let staged = data::settle(sys)?;
-    Ok(data::with_note(
-        format!("slot {slot} is now primary"),
-        staged,
-    ))
+    Ok(format!("slot {slot} is now primary"))
 }
 
 /// Sets the slot's state in the bootloader and whether its record is blessed.

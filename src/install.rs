@@ -107,7 +107,11 @@ fn transaction(cfg_path: &Path, opts: &InstallOptions, rep: &mut Reporter) -> Re
             true => Vec::new(),
             false => crate::bootfiles::settle(&mut sys)?,
         };
-        for c in cleaned.into_iter().chain(settled) {
+        let fell_back = match opts.check_only {
+            true => None,
+            false => migrate::data::settle(&sys)?,
+        };
+        for c in cleaned.into_iter().chain(settled).chain(fell_back) {
             comment = format!("{comment}; {c}");
         }
         Ok(Done::unchanged(sys, comment))

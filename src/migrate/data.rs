@@ -10,9 +10,10 @@
 //! (commit: the old entry is moved to `.abup-staging/<slot>.old/`, the
 //! staged one renamed into place, then the old ones removed — a commit cut
 //! short resumes at the next `mark-good`). The staging area is discarded by
-//! `mark-bad` of the slot, by `rollback` away from it, and when an abup run
-//! finds the device running the other slot while this one is no longer
-//! bootable (the bootloader fell back). Until then the data partition stays
+//! `mark-bad` of the slot, by `rollback` away from it, and when any abup
+//! run that opens the system ([`settle`]) finds the device running the
+//! other slot while this one, activated, is no longer bootable (the
+//! bootloader fell back). Until then the data partition stays
 //! exactly as the old slot left it.
 //!
 //! A record in the state directory (`data-staging.json`) names the pending
@@ -332,16 +333,41 @@ pub fn discard(sys: &System, slot: SlotName, why: &str) -> Result<Option<String>
     )))
 }
 
-/// Discards staged data whose slot the bootloader fell back from: the
-/// device runs the other slot, and the staged slot is no longer bootable.
-pub fn settle(sys: &System) -> Result<Option<String>> {
+/// The slot whose staged data is due to be discarded because the bootloader
+/// fell back from it: the device runs the other slot, and the staged slot
+/// is no longer bootable although its install activated it (an install
+/// with `--no-activate` waits for `mark-active`).
+pub fn fallen_back(sys: &System) -> Result<Option<SlotName>> {
     let Some(p) = pending(&sys.cfg.state_dir)? else {
         return Ok(None);
     };
-    if sys.booted == Some(p.slot.other()) && !sys.boot.backend.state(p.slot)?.ok {
-        return discard(sys, p.slot, "the bootloader fell back from it");
+    if sys.booted != Some(p.slot.other()) || sys.boot.backend.state(p.slot)?.ok {
+        return Ok(None);
     }
-    Ok(None)
+    let inactive = sys.records()?.get(p.slot).is_some_and(|r| r.inactive);
+    Ok((!inactive).then_some(p.slot))
+}
+
+/// Discards staged data whose slot the bootloader fell back from (see
+/// [`fallen_back`]). Every abup run that opens the system calls it, so that
+/// the old slot finds its data as it left it.
+pub fn settle(sys: &System) -> Result<Option<String>> {
+    match fallen_back(sys)? {
+        Some(slot) => discard(sys, slot, "the bootloader fell back from it"),
+        None => Ok(None),
+    }
+}
+
+/// [`settle`] for `status`: only when a discard is due and no other abup
+/// run holds the lock (an install in progress settles at its start).
+pub fn settle_unless_busy(sys: &System) -> Result<Option<String>> {
+    if fallen_back(sys)?.is_none() {
+        return Ok(None);
+    }
+    let Ok(_lock) = crate::lock::RunLock::acquire_unrecorded(&sys.cfg, "status") else {
+        return Ok(None);
+    };
+    settle(sys)
 }
 
 /// Forgets data staged for `slot` by an earlier install attempt (its
@@ -351,17 +377,6 @@ pub fn forget(sys: &System, slot: SlotName) -> Result<()> {
         clear_record(&sys.cfg.state_dir)?;
     }
     Ok(())
-}
-
-/// `mark-good` of `slot`: first drops data staged by a slot the bootloader
-/// fell back from, then commits what `slot` staged.
-pub fn on_mark_good(sys: &System, slot: SlotName) -> Result<Option<String>> {
-    let settled = settle(sys)?;
-    let committed = commit(sys, slot)?;
-    Ok(match (settled, committed) {
-        (Some(a), Some(b)) => Some(format!("{a}; {b}")),
-        (a, b) => a.or(b),
-    })
 }
 
 /// `message`, with `note` appended when there is one.

@@ -827,7 +827,10 @@ mkdir -p "$ABUP_DATA_STAGING/app"
 sed 's/"schema": 1/"schema": 2/' "$ABUP_DATA/app/db.json" > "$ABUP_DATA_STAGING/app/db.json"
 echo "converted to schema 2"
 "#;
-    for fall_back in [false, true] {
+    // After a fallback, the first abup run of any kind on the old slot
+    // discards: `status` (as a boot unit may run it), `mark-good`, an
+    // install.
+    for first_run in [None, Some("status"), Some("mark-good"), Some("install")] {
         let env = Env::new();
         data_partition(
             &env,
@@ -866,7 +869,7 @@ echo "converted to schema 2"
         let text = env.abup_with(&config, &["--booted-slot", "A", "status"], None);
         assert!(text.stdout.contains("staged data: for slot B"), "{text}");
 
-        if !fall_back {
+        let Some(first_run) = first_run else {
             // The new slot boots and is blessed.
             let run = env.abup_with(&config, &["--booted-slot", "B", "mark-good"], None);
             run.ok();
@@ -879,30 +882,51 @@ echo "converted to schema 2"
             );
             assert_eq!(read(&d.path().join("keep.txt")), "untouched\n");
             assert!(!d.path().join(".abup-staging/B").exists());
-        } else {
-            // The new slot never gets blessed: its tries run out and GRUB
-            // falls back to A (as grub.cfg does), then abup runs on A.
-            {
-                let d = env.disk.mount("data", false);
-                assert!(d.path().join(".abup-staging/B").exists());
-            }
-            set_grubenv(&env, &[("ORDER", "B A"), ("B_OK", "0"), ("B_TRY", "3")]);
-            let run = env.abup_with(&config, &["--booted-slot", "A", "mark-good"], None);
-            run.ok();
-            assert!(run.stdout.contains("discarded"), "{run}");
+            continue;
+        };
+        // The new slot never gets blessed: its tries run out and GRUB falls
+        // back to A (as grub.cfg does), then abup runs on A.
+        {
             let d = env.disk.mount("data", false);
-            assert_eq!(read(&d.path().join("app/db.json")), "{\"schema\": 1}\n");
-            assert_eq!(read(&d.path().join("app/uploads/a.bin")), "A\n");
-            assert!(!d.path().join(".abup-staging/B").exists());
-            drop(d);
-            assert_eq!(
-                data_tree(&env),
-                data_at_start,
-                "the old slot's data changed"
-            );
-            let st = env.abup_with(&config, &["--json", "--booted-slot", "A", "status"], None);
-            assert!(st.json()["pending_data"].is_null(), "{st}");
+            assert!(d.path().join(".abup-staging/B").exists());
         }
+        set_grubenv(&env, &[("ORDER", "B A"), ("B_OK", "0"), ("B_TRY", "3")]);
+        let said = match first_run {
+            "status" => {
+                let st = env.abup_with(&config, &["--json", "--booted-slot", "A", "status"], None);
+                st.ok();
+                assert!(st.json()["pending_data"].is_null(), "{st}");
+                st.stderr.clone()
+            }
+            "mark-good" => {
+                let run = env.abup_with(&config, &["--booted-slot", "A", "mark-good"], None);
+                run.ok();
+                run.stdout.clone()
+            }
+            _ => {
+                let report = install_with(&env, &config, &env.simple_bundle("3.0.0"));
+                step_comment(&report, "inspect-system").to_string()
+            }
+        };
+        assert!(
+            said.contains(
+                "discarded the data staged by version 2.0.0 for slot B (the bootloader fell back from it)"
+            ),
+            "{first_run}: {said}"
+        );
+        let d = env.disk.mount("data", false);
+        assert_eq!(read(&d.path().join("app/db.json")), "{\"schema\": 1}\n");
+        assert_eq!(read(&d.path().join("app/uploads/a.bin")), "A\n");
+        assert!(!d.path().join(".abup-staging/B").exists());
+        drop(d);
+        assert_eq!(
+            data_tree(&env),
+            data_at_start,
+            "{first_run}: the old slot's data changed"
+        );
+        let st = env.abup_with(&config, &["--json", "--booted-slot", "A", "status"], None);
+        assert!(st.json()["pending_data"].is_null(), "{st}");
+        assert!(!st.stderr.contains("discarded"), "{st}");
     }
 }
 
@@ -1132,4 +1156,52 @@ fn the_time_limit_kills_what_a_migration_started_even_in_a_new_session() {
         0,
         "a detached process outlived its migration"
     );
+}
+
+/// Staged data waits for the slot it was staged for: `status` and other
+/// runs before the reboot, or before `mark-active` of a slot installed with
+/// `--no-activate`, keep it.
+#[test]
+fn staged_data_waits_for_its_slot_until_it_falls_back() {
+    let env = Env::new();
+    data_partition(&env, &[("app/db.json", "{\"schema\": 1}\n")]);
+    let config = data_config(&env);
+    let dir = rootfs_with_migrations(
+        &env,
+        "2.0.0",
+        &[(
+            "10-schema",
+            "#!/bin/sh\necho '{\"schema\": 2}' > \"$ABUP_DATA_STAGING/db.json\"\n",
+        )],
+    );
+    let bundle = env.bundle(Source::Rootfs(&dir), "2.0.0", "zstd");
+    let run = env.abup_with(
+        &config,
+        &["--booted-slot", "A", "install", "--no-activate", s(&bundle)],
+        None,
+    );
+    run.ok();
+    for _ in 0..2 {
+        let st = env.abup_with(&config, &["--json", "--booted-slot", "A", "status"], None);
+        st.ok();
+        assert_eq!(st.json()["pending_data"]["slot"], "B", "{st}");
+        assert!(!st.stderr.contains("discarded"), "{st}");
+    }
+    // Activated, and before the reboot: still waiting.
+    env.abup_with(&config, &["--booted-slot", "A", "mark-active", "B"], None)
+        .ok();
+    let st = env.abup_with(&config, &["--json", "--booted-slot", "A", "status"], None);
+    assert_eq!(st.json()["pending_data"]["slot"], "B", "{st}");
+    let text = env.abup_with(&config, &["--booted-slot", "A", "status"], None);
+    assert!(
+        text.stdout
+            .contains("staged data: for slot B (version 2.0.0): db.json"),
+        "{text}"
+    );
+    // B boots and is blessed.
+    let run = env.abup_with(&config, &["--booted-slot", "B", "mark-good"], None);
+    run.ok();
+    assert!(run.stdout.contains("committed"), "{run}");
+    let d = env.disk.mount("data", false);
+    assert_eq!(read(&d.path().join("db.json")), "{\"schema\": 2}\n");
 }
