@@ -62,6 +62,7 @@ pub fn copy_all(from: &Tree, to: &Tree) -> Result<u64> {
     };
     let mut c = Copier {
         old: from,
+        to: to.what,
         rule: &rule,
         entries: 0,
         kept: false,
@@ -109,6 +110,7 @@ fn apply_rule(rule: &Rule, old: &Tree, new: &Tree, out: &mut Outcome) -> Result<
             .context("opening the new root's directory")?;
         let mut c = Copier {
             old,
+            to: new.what,
             rule,
             entries: 0,
             kept: false,
@@ -192,7 +194,7 @@ impl Source {
         st: FileStat,
         shown: &Path,
     ) -> Result<Source> {
-        let reading = || format!("reading {} in the old root", shown.display());
+        let reading = || format!("reading {} in the {}", shown.display(), old.what);
         match kind_of(&st) {
             Kind::Symlink if rule.symlinks == Symlinks::Resolve => {
                 let path_fd = old.follow(dir, name, shown, false)?;
@@ -242,6 +244,8 @@ impl Source {
 
 struct Copier<'a> {
     old: &'a Tree,
+    /// What is written to, for messages.
+    to: &'static str,
     rule: &'a Rule,
     entries: u64,
     /// Some entry of the image was kept because the image wins.
@@ -264,7 +268,8 @@ impl Copier<'_> {
                 shown.display()
             );
         }
-        let writing = || format!("writing {} in the new root", shown.display());
+        let to = self.to;
+        let writing = || format!("writing {} in the {}", shown.display(), to);
         let existing = lstat_at(dst, name)
             .with_context(writing)?
             .map(|s| kind_of(&s));
@@ -292,11 +297,11 @@ impl Copier<'_> {
             }
             let src_fd = src.fd.as_ref().context("directory without a handle")?;
             for child in list(src_fd.as_raw_fd())
-                .with_context(|| format!("listing {} in the old root", shown.display()))?
+                .with_context(|| format!("listing {} in the {}", shown.display(), self.old.what))?
             {
                 let child_shown = shown.join(&child);
                 let Some(st) = lstat_at(src_fd.as_raw_fd(), &child).with_context(|| {
-                    format!("reading {} in the old root", child_shown.display())
+                    format!("reading {} in the {}", child_shown.display(), self.old.what)
                 })?
                 else {
                     continue;

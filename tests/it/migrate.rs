@@ -712,12 +712,13 @@ fn a_failing_or_hanging_migration_leaves_the_boot_settings_unflipped() {
     let config = env.config_with(|o| {
         o.extra = "[data]\npartlabel = \"data\"\n[migrate]\ntimeout_secs = 2\n".to_string()
     });
+    let long = sleep_secs(0);
     let dir = rootfs_with_migrations(
         &env,
         "2.0.1",
         &[(
             "10-hangs",
-            "#!/bin/sh\necho waiting forever\necho half > \"$ABUP_DATA_STAGING/half\"\nsleep 1000 &\nsleep 1000\n",
+            &format!("#!/bin/sh\necho waiting forever\necho half > \"$ABUP_DATA_STAGING/half\"\nsleep {long} &\nsleep {long}\n"),
         )],
     );
     let bundle = env.bundle(Source::Rootfs(&dir), "2.0.1", "zstd");
@@ -733,12 +734,9 @@ fn a_failing_or_hanging_migration_leaves_the_boot_settings_unflipped() {
         "the time limit did not stop it"
     );
     env.assert_untouched(&before);
-    let left = sh(Command::new("sh")
-        .arg("-c")
-        .arg("ps -eo args | grep -c '^sleep 1000$' || true"));
     assert_eq!(
-        left.trim(),
-        "0",
+        sleepers(long),
+        0,
         "the migration's processes were not all killed"
     );
     assert_eq!(data_tree(&env), data_at_start, "the data changed");
@@ -1104,6 +1102,12 @@ fn a_data_partition_the_running_system_has_mounted_keeps_its_tree() {
     assert_eq!(read(&live.path().join("app/db.json")), "{\"schema\": 1}\n");
 }
 
+/// A `sleep` duration no other test process uses (other test runs on the
+/// machine run the same migrations): the `ps` checks count only ours.
+fn sleep_secs(n: u32) -> u32 {
+    1_000_000 + (std::process::id() % 100_000) * 10 + n
+}
+
 /// How many processes run `sleep <secs>` on the machine.
 fn sleepers(secs: u32) -> usize {
     let out = sh(Command::new("ps").args(["-eo", "args"]));
@@ -1119,12 +1123,13 @@ fn sleepers(secs: u32) -> usize {
 fn the_time_limit_kills_what_a_migration_started_even_in_a_new_session() {
     let env = Env::new();
     let config = env.config_with(|o| o.extra = "[migrate]\ntimeout_secs = 2\n".to_string());
+    let (a, b, c, d) = (sleep_secs(1), sleep_secs(2), sleep_secs(3), sleep_secs(4));
     let dir = rootfs_with_migrations(
         &env,
         "2.0.0",
         &[(
             "10-hangs",
-            "#!/bin/sh\nsetsid sleep 1002 &\n( setsid sh -c 'sleep 1003 & sleep 1003' & )\necho spawned\nsleep 1001\n",
+            &format!("#!/bin/sh\nsetsid sleep {b} &\n( setsid sh -c 'sleep {c} & sleep {c}' & )\necho spawned\nsleep {a}\n"),
         )],
     );
     let bundle = env.bundle(Source::Rootfs(&dir), "2.0.0", "zstd");
@@ -1136,7 +1141,7 @@ fn the_time_limit_kills_what_a_migration_started_even_in_a_new_session() {
     );
     run.failed(1, &["10-hangs", "time limit of 2 s", "spawned"]);
     env.assert_untouched(&before);
-    for secs in [1001, 1002, 1003] {
+    for secs in [a, b, c] {
         assert_eq!(sleepers(secs), 0, "`sleep {secs}` outlived the time limit");
     }
 
@@ -1146,16 +1151,12 @@ fn the_time_limit_kills_what_a_migration_started_even_in_a_new_session() {
         "2.0.1",
         &[(
             "10-detaches",
-            "#!/bin/sh\nsetsid sleep 1004 &\necho detached > /etc/detached\n",
+            &format!("#!/bin/sh\nsetsid sleep {d} &\necho detached > /etc/detached\n"),
         )],
     );
     let bundle = env.bundle(Source::Rootfs(&dir), "2.0.1", "zstd");
     install_with(&env, &config, &bundle);
-    assert_eq!(
-        sleepers(1004),
-        0,
-        "a detached process outlived its migration"
-    );
+    assert_eq!(sleepers(d), 0, "a detached process outlived its migration");
 }
 
 /// Staged data waits for the slot it was staged for: `status` and other
