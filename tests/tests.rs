@@ -30,6 +30,8 @@ mod hostile;
 mod install;
 #[path = "it/migrate.rs"]
 mod migrate;
+#[path = "it/migrate_boot.rs"]
+mod migrate_boot;
 #[path = "it/pipeline.rs"]
 mod pipeline;
 #[path = "it/qemu.rs"]

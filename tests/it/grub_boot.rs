@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-const COMPATIBLE: &str = "abup-qemu-pc";
+pub(crate) const COMPATIBLE: &str = "abup-qemu-pc";
 const BOOTED: &str = "ABUP-BOOTED";
 const PANIC: &str = "ABUP-PANIC";
 /// grub.cfg found no slot to boot and waits in its menu.
@@ -38,7 +38,7 @@ pub(crate) struct Rig {
     kernel: PathBuf,
     abup_small: PathBuf,
     pub(crate) secret: PathBuf,
-    public: PathBuf,
+    pub(crate) public: PathBuf,
     pub(crate) parts: BTreeMap<String, (u64, u64)>,
     boots: u32,
     boot_secs: f64,
@@ -101,16 +101,28 @@ impl Rig {
     /// The host's config: the image as the disk, the state directory on
     /// the image's data partition (mounted at `data`), `tries` boot tries.
     pub(crate) fn host_config(&self, data: &Path, tries: u32) -> PathBuf {
-        let path = self.dir.join(format!("host-{tries}.toml"));
+        self.host_config_on(&self.img, data, tries, "")
+    }
+
+    /// [`Rig::host_config`] with `disk` as the disk and `extra` TOML
+    /// appended.
+    pub(crate) fn host_config_on(
+        &self,
+        disk: &Path,
+        data: &Path,
+        tries: u32,
+        extra: &str,
+    ) -> PathBuf {
+        let path = self.dir.join(format!("host-{tries}-{}.toml", extra.len()));
         fs::write(
             &path,
             format!(
                 "compatible = \"{COMPATIBLE}\"\nstate_dir = \"{}/abup\"\n[disk]\ndevice = \"{}\"\n\
                  [slots.A]\npartlabel = \"rootA\"\n[slots.B]\npartlabel = \"rootB\"\n\
                  [boot]\nbackend = \"grub\"\ntries = {tries}\n[boot.grub]\npartlabel = \"boot\"\n\
-                 path = \"grub/grubenv\"\n[keys]\ntrusted = [\"{}\"]\n",
+                 path = \"grub/grubenv\"\n[keys]\ntrusted = [\"{}\"]\n{extra}",
                 data.display(),
-                self.img.display(),
+                disk.display(),
                 self.public.display()
             ),
         )
@@ -161,7 +173,7 @@ impl Rig {
         root
     }
 
-    fn bundle(&self, version: &str, panics: bool, kernel: bool, raw: bool) -> PathBuf {
+    pub(crate) fn bundle(&self, version: &str, panics: bool, kernel: bool, raw: bool) -> PathBuf {
         let root = self.rootfs(version, panics, kernel);
         let out = self.dir.join(format!("v{version}.abup"));
         if raw {
@@ -213,7 +225,7 @@ impl Rig {
     }
 
     /// Runs abup on the host with the data partition mounted.
-    fn abup_host(&self, tries: u32, args: &[&str]) -> util::Run {
+    pub(crate) fn abup_host(&self, tries: u32, args: &[&str]) -> util::Run {
         let lo = self.part_loop("data");
         let m = Mount::ext4(lo.path(), true);
         let cfg = self.host_config(m.path(), tries);
