@@ -466,8 +466,8 @@ fn needed_bytes(p: &Payload, slot_size: u64) -> Option<u64> {
 }
 
 fn mark_bad(sys: &mut System, target: SlotName, header: &BundleHeader) -> Result<Done<()>> {
-    let was_ok = sys.boot.backend.state(target)?.ok;
-    // A slot the bootloader already won't boot needs no write (which would
+    let was_ok = !sys.boot.backend.is_marked_bad(target)?;
+    // A slot the environment already marks bad needs no write (which would
     // remount the boot partition read-write for nothing).
     if was_ok {
         sys.backend()?
@@ -479,7 +479,7 @@ fn mark_bad(sys: &mut System, target: SlotName, header: &BundleHeader) -> Result
     let how = if was_ok {
         "marked bad"
     } else {
-        "was already not bootable"
+        "was already marked bad"
     };
     Ok(Done::changed(
         (),

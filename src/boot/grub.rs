@@ -733,6 +733,16 @@ impl BootBackend for GrubBackend {
         })
     }
 
+    /// Only `X_OK=0` with `X_GOOD=0`: a slot out of tries keeps `X_OK=1`
+    /// and would count as bootable again if ABUP_MAX_TRIES were raised, and
+    /// a hand-edited `X_GOOD=1` would survive the flip and commit an
+    /// untested install.
+    fn is_marked_bad(&self, slot: SlotName) -> Result<bool> {
+        let vars = self.current()?;
+        let i = slot_index(slot);
+        Ok(!vars.ok[i] && !vars.good[i])
+    }
+
     /// Good: `X_OK=1 X_TRY=0 X_GOOD=1`. Bad: `X_OK=0 X_TRY=0 X_GOOD=0`.
     fn set_state(&mut self, slot: SlotName, state: BootState) -> Result<()> {
         let on = match state {

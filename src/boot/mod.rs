@@ -84,6 +84,14 @@ pub trait BootBackend {
     fn booted(&self) -> Result<Option<SlotName>> {
         Ok(None)
     }
+
+    /// True when the environment already says of `slot` what
+    /// `set_state(slot, Bad)` would write, so marking it bad needs no write.
+    /// A slot that is merely not bootable now (out of tries) is not enough
+    /// where the backend keeps more state than that (GRUB's `X_GOOD`).
+    fn is_marked_bad(&self, slot: SlotName) -> Result<bool> {
+        Ok(!self.state(slot)?.ok)
+    }
 }
 
 use crate::config::{BootConfig, EspLocation, GrubEnvLocation, UbootEnvLocation};
@@ -308,6 +316,9 @@ impl<B: BootBackend> BootBackend for Named<B> {
     }
     fn booted(&self) -> Result<Option<SlotName>> {
         self.ctx(self.0.booted())
+    }
+    fn is_marked_bad(&self, slot: SlotName) -> Result<bool> {
+        self.ctx(self.0.is_marked_bad(slot))
     }
 }
 

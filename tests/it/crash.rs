@@ -419,7 +419,7 @@ fn signals_during_the_write_on_a_block_device() {
 
 /// Injected I/O errors: (fail point, exit code, failed step, boot settings
 /// flipped to B). Order matters: until the last one, nothing flips, so the
-/// grubenv keeps its first bytes (B is already not bootable, so marking it
+/// grubenv keeps its first bytes (B is already marked bad, so marking it
 /// bad writes nothing).
 const EIO_POINTS: &[(&str, i32, &str, bool)] = &[
     ("extract-member@3", 1, "write", false),

@@ -234,3 +234,26 @@ fn exhausted_boot_attempts_fall_back_to_the_good_slot() {
     );
     assert_eq!(env.status(Some("A"))["slots"]["B"]["state"], "trying");
 }
+
+/// mark-bad skips its write only when the grubenv already says "bad": a
+/// stale `B_GOOD=1` beside `B_OK=0` (a hand edit) must not survive into
+/// the flip, where it would commit the new install before it ever booted.
+#[test]
+fn a_stale_good_flag_on_the_spare_is_cleared_before_the_write() {
+    let env = Env::new();
+    env.grub_set(&["B_GOOD=1"]);
+    let bundle = env.simple_bundle("1.0.0");
+    let report = env.install_ok("A", &bundle, &[]);
+    let comment = step_comment(&report, "mark-bad");
+    assert!(comment.contains("slot B marked bad in"), "{report:#}");
+    let vars = env.grubenv();
+    assert_eq!(
+        vars.get("B_GOOD").map(String::as_str),
+        Some("0"),
+        "{vars:?}"
+    );
+    assert_eq!(vars.get("B_OK").map(String::as_str), Some("1"), "{vars:?}");
+    let st = env.status(Some("A"));
+    assert_eq!(st["slots"]["B"]["state"], "trying", "{st:#}");
+    assert_eq!(st["slots"]["B"]["tries_left"], 3, "{st:#}");
+}
