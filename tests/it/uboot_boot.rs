@@ -119,6 +119,8 @@ fn slot_tree(dir: &Path, version: &str, panics: bool) {
         s(&r),
         s(&boot.join("initrd.img"))
     )));
+    // The staging tree sits beside the mount point, outside any temp dir.
+    fs::remove_dir_all(&r).expect("removing the initramfs staging tree");
 }
 
 /// One QEMU run: from power-on until the guest powers off (through any
