@@ -152,11 +152,7 @@ where
     R: Read + Send + 'static,
 {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        let avail = self.fill_buf()?;
-        let n = avail.len().min(out.len());
-        out[..n].copy_from_slice(&avail[..n]);
-        self.consume(n);
-        Ok(n)
+        super::reader::read_buffered(self, out)
     }
 }
 

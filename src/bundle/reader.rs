@@ -647,13 +647,19 @@ impl<R: Read> Verified<R> {
     }
 }
 
+/// `Read::read` for a reader whose own buffer is its `BufRead`: copies what
+/// `fill_buf` holds, so no second buffer sits between the two.
+pub(crate) fn read_buffered(src: &mut impl BufRead, out: &mut [u8]) -> io::Result<usize> {
+    let avail = src.fill_buf()?;
+    let n = avail.len().min(out.len());
+    out[..n].copy_from_slice(&avail[..n]);
+    src.consume(n);
+    Ok(n)
+}
+
 impl<R: Read> Read for Verified<R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        let avail = self.fill_buf()?;
-        let n = avail.len().min(out.len());
-        out[..n].copy_from_slice(&avail[..n]);
-        self.consume(n);
-        Ok(n)
+        read_buffered(self, out)
     }
 }
 
