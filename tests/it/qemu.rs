@@ -53,6 +53,11 @@ pub fn build_initramfs(kdir: &Path, init: &Path, out: &Path, files: &[&Path]) {
 /// reason boots "never reached init". Only a boot that hangs reaches it.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(360);
 
+/// A boot whose console stays silent this long has stalled. A quiet boot
+/// here is never silent for more than a few seconds (OVMF's start, ~5 s, is
+/// the longest gap), and starved to 10% of a core about ten times that.
+pub const STALL: Duration = Duration::from_secs(150);
+
 /// A QEMU test's work directory (disk image, bundles, firmware variables):
 /// removed on drop, pass or fail, unless `ABUP_QEMU_KEEP` is set.
 pub struct WorkDir(PathBuf);
@@ -101,6 +106,8 @@ pub enum Ended {
     Stopped(String),
     /// Nothing of the above before the timeout; the VM was killed.
     TimedOut,
+    /// The console was silent for [`STALL`]; the VM was killed.
+    Stalled,
 }
 
 /// One boot: the console output, when each part of it arrived, and how it
@@ -113,6 +120,9 @@ pub struct Boot {
     /// (end of a chunk of `console` in bytes, seconds since QEMU started
     /// when it arrived), in order.
     pub arrivals: Vec<(usize, f64)>,
+    /// Earlier tries of this boot that stalled (see [`Vm::boot`]), each as
+    /// its [`Boot::timeline`].
+    pub stalled_tries: Vec<String>,
 }
 
 impl Boot {
@@ -145,10 +155,26 @@ impl Boot {
             .map(|i| self.arrived(ends[i + marker.len() - 1]))
     }
 
+    /// One line on how the boot ended: the first thing a failing test
+    /// prints, so that even a cut-off log tells a hang from a wrong slot.
+    pub fn summary(&self) -> String {
+        let last = self.arrivals.last().map_or(0.0, |a| a.1);
+        let text = self.text();
+        let line = text.lines().rev().find(|l| !l.trim().is_empty());
+        format!(
+            "boot ended {:?} after {:.1} s ({} stalled tries before); last console output at {last:.1} s: {:?}",
+            self.ended,
+            self.secs,
+            self.stalled_tries.len(),
+            line.unwrap_or("").trim()
+        )
+    }
+
     /// The console, cleaned, each line prefixed with when it arrived
-    /// (`[  12.3] …`): where a slow or stuck boot spent its time.
+    /// (`[  12.3] …`): where a slow or stuck boot spent its time. Starts
+    /// with the [`summary`](Self::summary).
     pub fn timeline(&self) -> String {
-        let mut out = String::new();
+        let mut out = self.summary() + "\n";
         let mut at = 0;
         for line in self.console.split_inclusive('\n') {
             at += line.len();
@@ -222,6 +248,14 @@ pub struct Vm {
     pub args: Vec<String>,
     /// A boot taking longer than this is killed.
     pub timeout: Duration,
+    /// The files the guest writes (disk images, firmware variables). Each
+    /// boot first copies them aside; when the boot stalls (an emulator
+    /// hang: no console output for [`STALL`]), they are put back as they
+    /// were before it and the boot runs once more, so a retry starts from
+    /// exactly the same disk and the test still sees one boot.
+    pub writable: Vec<PathBuf>,
+    /// A console silent this long means a stall ([`STALL`]).
+    pub stall: Duration,
 }
 
 impl Vm {
@@ -233,6 +267,8 @@ impl Vm {
             program: program.to_string(),
             args: args.into_iter().map(Into::into).collect(),
             timeout: BOOT_TIMEOUT,
+            writable: Vec::new(),
+            stall: STALL,
         }
     }
 
@@ -263,14 +299,55 @@ impl Vm {
             "-device".to_string(),
             "nvme,serial=abup0,drive=disk0".to_string(),
         ]);
-        Vm::new("qemu-system-x86_64", args)
+        let mut vm = Vm::new("qemu-system-x86_64", args);
+        vm.writable.push(disk.to_path_buf());
+        if firmware == Firmware::Uefi {
+            vm.writable.push(work.join("OVMF_VARS.fd"));
+        }
+        vm
     }
 
     /// Boots once: runs QEMU with the serial console on stdout, no display,
     /// `-no-reboot` (a reboot ends the run), until it exits, the console
     /// shows one of `stop_at` (then it is killed: a power cut), or the
-    /// timeout.
+    /// timeout. A boot that stalls is retried once from the
+    /// [`writable`](Self::writable) files as they were before it; the
+    /// stalled try is kept in [`Boot::stalled_tries`].
     pub fn boot(&self, stop_at: &[&str]) -> Boot {
+        let saved: Vec<(PathBuf, PathBuf)> = self
+            .writable
+            .iter()
+            .map(|f| {
+                let copy = PathBuf::from(format!("{}.before-boot", f.display()));
+                super::util::sh(Command::new("cp").arg("--sparse=always").arg(f).arg(&copy));
+                (f.clone(), copy)
+            })
+            .collect();
+        let mut stalled = Vec::new();
+        let boot = loop {
+            let mut b = self.run(stop_at);
+            if b.ended != Ended::Stalled || !stalled.is_empty() {
+                b.stalled_tries = stalled;
+                break b;
+            }
+            eprintln!(
+                "[QEMU stalled: {}; putting back {} file(s) as they were before this boot and booting again]",
+                b.summary(),
+                saved.len()
+            );
+            stalled.push(b.timeline());
+            for (f, copy) in &saved {
+                super::util::sh(Command::new("cp").arg("--sparse=always").arg(copy).arg(f));
+            }
+        };
+        for (_, copy) in saved {
+            let _ = std::fs::remove_file(copy);
+        }
+        boot
+    }
+
+    /// One run of QEMU for [`boot`](Self::boot).
+    fn run(&self, stop_at: &[&str]) -> Boot {
         let start = Instant::now();
         let mut child = Command::new(&self.program)
             .args(&self.args)
@@ -341,6 +418,12 @@ impl Vm {
                 let _ = child.wait();
                 break Ended::TimedOut;
             }
+            let last = out.lock().unwrap().1.last().map_or(0.0, |a| a.1);
+            if start.elapsed().as_secs_f64() - last > self.stall.as_secs_f64() {
+                let _ = child.kill();
+                let _ = child.wait();
+                break Ended::Stalled;
+            }
             thread::sleep(Duration::from_millis(100));
         };
         let secs = start.elapsed().as_secs_f64();
@@ -359,8 +442,46 @@ impl Vm {
             ended,
             secs,
             arrivals,
+            stalled_tries: Vec::new(),
         }
     }
+}
+
+/// A stalled boot is retried once, from the guest's files as they were
+/// before it: the stand-in "emulator" writes to its disk and hangs silently
+/// the first time, and the second time finds the disk as it was.
+#[test]
+fn a_stalled_boot_is_retried_from_the_disk_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, "clean\n").unwrap();
+    let tries = dir.path().join("tries");
+    let fake = dir.path().join("fake-qemu");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\necho try >> {tries}\necho booting\n\
+             if [ $(wc -l < {tries}) = 1 ]; then echo dirty > {disk}; exec sleep 60; fi\n\
+             echo \"DISK $(cat {disk})\"\n",
+            tries = tries.display(),
+            disk = disk.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut vm = Vm::new(fake.to_str().unwrap(), Vec::<String>::new());
+    vm.writable.push(disk.clone());
+    vm.stall = Duration::from_secs(2);
+    let boot = vm.boot(&[]);
+    assert_eq!(boot.ended, Ended::Exited, "{}", boot.timeline());
+    assert_eq!(boot.stalled_tries.len(), 1, "{}", boot.timeline());
+    assert!(boot.text().contains("DISK clean"), "{}", boot.timeline());
+    assert!(
+        boot.stalled_tries[0].contains("Stalled"),
+        "{}",
+        boot.stalled_tries[0]
+    );
+    assert!(!Path::new(&format!("{}.before-boot", disk.display())).exists());
 }
 
 /// The kernel download and the initramfs builder work together: a busybox
