@@ -37,17 +37,12 @@ pub struct ParallelChunks<R> {
     failed: Option<(io::ErrorKind, String)>,
 }
 
-/// Number of hashing threads: the CPUs, at most 4.
-fn hashers() -> usize {
-    thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4))
-}
-
 impl<R: Read + Send + 'static> ParallelChunks<R> {
-    /// Starts the reader and hasher threads over `chunks`.
-    pub fn start(chunks: Chunks<R>) -> io::Result<ParallelChunks<R>> {
+    /// Starts the reader and `n` hasher threads (at least one) over `chunks`.
+    pub fn start(chunks: Chunks<R>, n: usize) -> io::Result<ParallelChunks<R>> {
         let total = chunks.count();
         let check = chunks.checker();
-        let n = hashers();
+        let n = n.max(1);
         let (back, recycled) = channel::<Vec<u8>>();
         let mut ins: Vec<SyncSender<Unchecked>> = Vec::with_capacity(n);
         let mut outs = Vec::with_capacity(n);
@@ -108,7 +103,8 @@ pub fn parallel_payload_reader<R: Read + Send + 'static>(
     name: &str,
 ) -> Result<PayloadReader<ParallelChunks<R>>> {
     let (p, hashes) = header.payload_and_hashes(name)?;
-    let mut stored = ParallelChunks::start(Chunks::new(r, p, hashes))?;
+    let threads = super::reader::stage_threads(p);
+    let mut stored = ParallelChunks::start(Chunks::new(r, p, hashes), threads)?;
     stored.fill_buf()?;
     PayloadReader::new(stored, p)
 }

@@ -218,6 +218,13 @@ impl<B: BufRead> FrameReader<B> {
     /// Starts one worker per CPU (at most 4) over `stored`.
     pub fn new(stored: B) -> io::Result<FrameReader<B>> {
         let n = thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
+        FrameReader::with_workers(stored, n)
+    }
+
+    /// Starts `n` workers (at least one) over `stored`: each one more keeps
+    /// two more frames in memory.
+    pub fn with_workers(stored: B, n: usize) -> io::Result<FrameReader<B>> {
+        let n = n.max(1);
         let mut ins = Vec::with_capacity(n);
         let mut outs = Vec::with_capacity(n);
         for i in 0..n {

@@ -17,7 +17,7 @@
 //! follows the compressed stream.
 
 use super::keys::{self, key_id};
-use super::manifest::{Compression, Manifest, Payload};
+use super::manifest::{Compression, Manifest, Payload, PayloadKind};
 use super::{
     CONTAINER_VERSION, MAGIC, MAX_MANIFEST_LEN, MAX_SIGNATURE_LEN, PAYLOAD_ALIGN, TRAILER,
 };
@@ -688,7 +688,7 @@ enum Decoder<B: BufRead> {
 }
 
 impl<B: BufRead> Decoder<B> {
-    fn new(mut stored: B, compression: Compression, name: &str) -> Result<Self> {
+    fn new(mut stored: B, compression: Compression, name: &str, threads: usize) -> Result<Self> {
         let setup = || format!("setting up zstd decompression for payload {name}");
         Ok(match compression {
             Compression::None => Decoder::None(stored),
@@ -697,7 +697,7 @@ impl<B: BufRead> Decoder<B> {
             }
             Compression::Zstd if super::pzstd::FrameReader::suits(&mut stored)? => {
                 Decoder::ZstdFrames(Box::new(
-                    super::pzstd::FrameReader::new(stored).with_context(setup)?,
+                    super::pzstd::FrameReader::with_workers(stored, threads).with_context(setup)?,
                 ))
             }
             Compression::Zstd => Decoder::Zstd(Box::new(
@@ -736,6 +736,18 @@ impl<B: BufRead> Read for Decoder<B> {
     }
 }
 
+/// Threads that decode (and check) a payload at once. A tarball's install
+/// is as fast as its files are made, far slower than one thread decodes, so
+/// one thread keeps ahead of it, and each thread fewer keeps two buffers of
+/// 1-2 MiB fewer in memory; an image is written as fast as it decodes, on
+/// every CPU (at most 4).
+pub(crate) fn stage_threads(payload: &Payload) -> usize {
+    match payload.kind {
+        PayloadKind::Tar => 1,
+        PayloadKind::Raw => std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4)),
+    }
+}
+
 /// Streams the decompressed bytes of one payload from its verified stored
 /// bytes `B`, counting them: yielding more than the manifest's `size` is an
 /// `InvalidData` error. Every byte handed out comes from chunks that matched
@@ -755,7 +767,12 @@ impl<B: BufRead> PayloadReader<B> {
     /// Decompresses `payload` from its verified stored bytes.
     pub fn new(stored: B, payload: &Payload) -> Result<PayloadReader<B>> {
         Ok(PayloadReader {
-            decoder: Decoder::new(stored, payload.compression, &payload.name)?,
+            decoder: Decoder::new(
+                stored,
+                payload.compression,
+                &payload.name,
+                stage_threads(payload),
+            )?,
             payload: payload.clone(),
             count: 0,
             hasher: None,

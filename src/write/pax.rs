@@ -44,7 +44,7 @@ pub const MAX_EXTENSION: u64 = 1 << 20;
 const MAX_SPARSE_REGIONS: usize = 1 << 16;
 
 /// Buffer for member data, reused for every entry.
-const DATA_BUFFER: usize = 1 << 20;
+const DATA_BUFFER: usize = 256 << 10;
 
 /// One PAX record: key and raw value.
 pub type Record = (String, Vec<u8>);

@@ -77,7 +77,7 @@ use crate::mount::{sync_fs, Access, TempMount};
 use crate::util::run;
 
 /// Read buffer between the (decompressing) payload stream and the tar parser.
-const READ_BUFFER: usize = 1 << 20;
+const READ_BUFFER: usize = 256 << 10;
 
 /// Longest ext4 volume label, in bytes.
 const MAX_LABEL: usize = 16;

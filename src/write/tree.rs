@@ -15,14 +15,24 @@
 //! replaced by a file, symlink loops, hard links to nothing). And the
 //! extractor needs no `stat` calls to find out what is on disk.
 //!
+//! Memory: one record of 24 bytes per object, its name (and a symlink's
+//! target) in one shared byte arena, and a 4-byte slot in a hash index by
+//! (parent, name): about 50 bytes per archive entry, so a tree of 50,000
+//! entries takes under 3 MiB (a map of full paths took four times that, and
+//! it is the one part of an install that grows with the payload).
+//!
 //! Limits: symlinks are followed only in parent positions and only when they
 //! stay inside the root: absolute targets and `..` above the root are
 //! refused, as are more than [`MAX_FOLLOWS`] symlinks in one path (a loop).
+//! At most 4 GiB of names and 4 billion objects (refused beyond).
 
 use anyhow::{bail, ensure, Context, Result};
-use std::collections::{HashMap, HashSet};
-use std::ffi::OsString;
+use hashbrown::HashTable;
+use std::collections::hash_map::RandomState;
+use std::ffi::{OsStr, OsString};
 use std::fs;
+use std::hash::BuildHasher;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
 /// Most symlinks followed while resolving one path (Linux's own limit).
@@ -53,14 +63,68 @@ pub struct Step {
     pub exists: bool,
 }
 
-/// The objects of the new root, by path.
-#[derive(Debug, Default)]
+/// An object's id: its index in [`Tree::recs`]; the root is 0.
+type Id = u32;
+
+const ROOT: Id = 0;
+
+/// What kind of object a record is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Dir,
+    Symlink,
+    Other,
+}
+
+/// One object of the new root. Names and symlink targets are byte ranges
+/// of [`Tree::arena`].
+#[derive(Debug, Clone, Copy)]
+struct Rec {
+    parent: Id,
+    name: u32,
+    name_len: u32,
+    target: u32,
+    target_len: u32,
+    kind: Kind,
+    /// A non-directory this archive made: a second entry at its path is a
+    /// duplicate (refused), while a non-directory that was there before the
+    /// archive ([`Tree::scan`]) is replaced.
+    from_archive: bool,
+}
+
+/// The objects of the new root, as records indexed by (parent, name).
 pub struct Tree {
-    nodes: HashMap<PathBuf, Node>,
-    /// Real paths of the non-directories this archive made so far: a second
-    /// entry at one of them is a duplicate (refused), while a non-directory
-    /// that was there before the archive ([`Tree::scan`]) is replaced.
-    from_archive: HashSet<PathBuf>,
+    recs: Vec<Rec>,
+    arena: Vec<u8>,
+    /// Ids of every object but the root, by hash of (parent, name).
+    index: HashTable<Id>,
+    hasher: RandomState,
+}
+
+impl std::fmt::Debug for Tree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tree({} objects)", self.recs.len())
+    }
+}
+
+impl Default for Tree {
+    fn default() -> Tree {
+        let root = Rec {
+            parent: ROOT,
+            name: 0,
+            name_len: 0,
+            target: 0,
+            target_len: 0,
+            kind: Kind::Dir,
+            from_archive: false,
+        };
+        Tree {
+            recs: vec![root],
+            arena: Vec::new(),
+            index: HashTable::new(),
+            hasher: RandomState::new(),
+        }
+    }
 }
 
 impl Tree {
@@ -68,26 +132,26 @@ impl Tree {
     /// `lost+found`.
     pub fn fresh_ext4() -> Tree {
         let mut tree = Tree::default();
-        tree.nodes.insert(PathBuf::from("lost+found"), Node::Dir);
+        tree.insert(ROOT, OsStr::new("lost+found"), &Node::Dir, false)
+            .expect("one name fits");
         tree
     }
 
     /// The namespace of what `root` already holds (once, at the start).
     pub fn scan(root: &Path) -> Result<Tree> {
         let mut tree = Tree::default();
-        let mut todo = vec![PathBuf::new()];
-        while let Some(dir) = todo.pop() {
+        let mut todo = vec![(PathBuf::new(), ROOT)];
+        while let Some((dir, id)) = todo.pop() {
             let full = root.join(&dir);
             let entries =
                 fs::read_dir(&full).with_context(|| format!("reading {}", full.display()))?;
             for entry in entries {
                 let entry = entry.with_context(|| format!("reading {}", full.display()))?;
-                let rel = dir.join(entry.file_name());
+                let name = entry.file_name();
                 let kind = entry
                     .file_type()
                     .with_context(|| format!("reading {}", entry.path().display()))?;
                 let node = if kind.is_dir() {
-                    todo.push(rel.clone());
                     Node::Dir
                 } else if kind.is_symlink() {
                     let target = fs::read_link(entry.path())
@@ -96,28 +160,127 @@ impl Tree {
                 } else {
                     Node::Other
                 };
-                tree.nodes.insert(rel, node);
+                let child = tree.insert(id, &name, &node, false)?;
+                if node == Node::Dir {
+                    todo.push((dir.join(&name), child));
+                }
             }
         }
         Ok(tree)
     }
 
+    fn hash(&self, parent: Id, name: &[u8]) -> u64 {
+        self.hasher.hash_one((parent, name))
+    }
+
+    fn name_of(&self, rec: &Rec) -> &[u8] {
+        &self.arena[rec.name as usize..(rec.name + rec.name_len) as usize]
+    }
+
+    /// The child `name` of the directory `parent`.
+    fn child(&self, parent: Id, name: &[u8]) -> Option<Id> {
+        let hash = self.hash(parent, name);
+        self.index
+            .find(hash, |&id| {
+                let rec = &self.recs[id as usize];
+                rec.parent == parent && self.name_of(rec) == name
+            })
+            .copied()
+    }
+
+    /// Appends `bytes` to the arena; returns where they start.
+    fn store(&mut self, bytes: &[u8]) -> Result<(u32, u32)> {
+        let start = u32::try_from(self.arena.len()).ok();
+        let len = u32::try_from(bytes.len()).ok();
+        let end = self.arena.len().checked_add(bytes.len());
+        match (start, len, end.and_then(|e| u32::try_from(e).ok())) {
+            (Some(start), Some(len), Some(_)) => {
+                self.arena.extend_from_slice(bytes);
+                Ok((start, len))
+            }
+            _ => bail!("the archive's names take more than 4 GiB"),
+        }
+    }
+
+    /// Sets what `id` is.
+    fn set_node(&mut self, id: Id, node: &Node) -> Result<()> {
+        let (kind, target) = match node {
+            Node::Dir => (Kind::Dir, (0, 0)),
+            Node::Other => (Kind::Other, (0, 0)),
+            Node::Symlink(t) => (Kind::Symlink, self.store(t.as_os_str().as_bytes())?),
+        };
+        let rec = &mut self.recs[id as usize];
+        rec.kind = kind;
+        (rec.target, rec.target_len) = target;
+        Ok(())
+    }
+
+    /// Records the new object `name` in the directory `parent`.
+    fn insert(&mut self, parent: Id, name: &OsStr, node: &Node, from_archive: bool) -> Result<Id> {
+        let id = Id::try_from(self.recs.len())
+            .ok()
+            .filter(|&id| id < Id::MAX)
+            .context("the archive holds more than 4 billion objects")?;
+        let (start, len) = self.store(name.as_bytes())?;
+        self.recs.push(Rec {
+            parent,
+            name: start,
+            name_len: len,
+            target: 0,
+            target_len: 0,
+            kind: Kind::Other,
+            from_archive,
+        });
+        self.set_node(id, node)?;
+        let hash = self.hash(parent, name.as_bytes());
+        let (recs, arena, hasher) = (&self.recs, &self.arena, &self.hasher);
+        self.index.insert_unique(hash, id, |&other| {
+            let rec = &recs[other as usize];
+            let name = &arena[rec.name as usize..(rec.name + rec.name_len) as usize];
+            hasher.hash_one((rec.parent, name))
+        });
+        Ok(id)
+    }
+
+    /// What `id` is.
+    fn node(&self, id: Id) -> Node {
+        let rec = &self.recs[id as usize];
+        match rec.kind {
+            Kind::Dir => Node::Dir,
+            Kind::Other => Node::Other,
+            Kind::Symlink => {
+                let t = &self.arena[rec.target as usize..(rec.target + rec.target_len) as usize];
+                Node::Symlink(PathBuf::from(OsStr::from_bytes(t)))
+            }
+        }
+    }
+
+    /// The object at `path` (a real path relative to the root).
+    fn lookup(&self, path: &Path) -> Option<Id> {
+        let mut id = ROOT;
+        for part in path.iter() {
+            id = self.child(id, part.as_bytes())?;
+        }
+        Some(id)
+    }
+
     /// What is at `path` (a resolved path).
-    pub fn get(&self, path: &Path) -> Option<&Node> {
-        self.nodes.get(path)
+    pub fn get(&self, path: &Path) -> Option<Node> {
+        self.lookup(path).map(|id| self.node(id))
     }
 
     /// Resolves the directory `dir` (relative to the root, as written in
-    /// the archive) to a real path, following symlinks that stay inside the
-    /// root. Missing directories are added to `mkdirs` (and recorded) when
-    /// `create` is set, else refused.
+    /// the archive) to a real path and its id, following symlinks that stay
+    /// inside the root. Missing directories are added to `mkdirs` (and
+    /// recorded) when `create` is set, else refused.
     fn resolve_dir(
         &mut self,
         dir: &Path,
         create: bool,
         mkdirs: &mut Vec<PathBuf>,
-    ) -> Result<PathBuf> {
+    ) -> Result<(PathBuf, Id)> {
         let mut real = PathBuf::new();
+        let mut id = ROOT;
         // Components still to walk, last first.
         let mut todo: Vec<OsString> = dir
             .components()
@@ -130,6 +293,7 @@ impl Tree {
                 None | Some(Component::CurDir) => continue,
                 Some(Component::ParentDir) => {
                     ensure!(real.pop(), "{} leads outside the root", dir.display());
+                    id = self.recs[id as usize].parent;
                     continue;
                 }
                 Some(Component::RootDir | Component::Prefix(_)) => {
@@ -138,44 +302,50 @@ impl Tree {
                 Some(Component::Normal(_)) => {}
             }
             let next = real.join(&part);
-            match self.nodes.get(&next) {
-                Some(Node::Dir) => real = next,
-                Some(Node::Symlink(target)) => {
-                    follows += 1;
-                    ensure!(
-                        follows <= MAX_FOLLOWS,
-                        "{} has too many levels of symlinks (a loop?)",
-                        dir.display()
-                    );
-                    ensure!(
-                        target.is_relative(),
-                        "symlink {} -> {} leads outside the root",
-                        next.display(),
-                        target.display()
-                    );
-                    // Relative to the symlink's own directory, `real`.
-                    todo.extend(target.components().rev().map(|c| c.as_os_str().to_owned()));
-                }
-                Some(Node::Other) => bail!("{} is not a directory", next.display()),
+            match self.child(id, part.as_bytes()) {
+                Some(child) => match self.node(child) {
+                    Node::Dir => (real, id) = (next, child),
+                    Node::Symlink(target) => {
+                        follows += 1;
+                        ensure!(
+                            follows <= MAX_FOLLOWS,
+                            "{} has too many levels of symlinks (a loop?)",
+                            dir.display()
+                        );
+                        ensure!(
+                            target.is_relative(),
+                            "symlink {} -> {} leads outside the root",
+                            next.display(),
+                            target.display()
+                        );
+                        // Relative to the symlink's own directory, `real`.
+                        todo.extend(target.components().rev().map(|c| c.as_os_str().to_owned()));
+                    }
+                    Node::Other => bail!("{} is not a directory", next.display()),
+                },
                 None if create => {
-                    self.nodes.insert(next.clone(), Node::Dir);
+                    id = self.insert(id, &part, &Node::Dir, false)?;
                     mkdirs.push(next.clone());
                     real = next;
                 }
                 None => bail!("{} does not exist", next.display()),
             }
         }
-        Ok(real)
+        Ok((real, id))
     }
 
     /// Decides where the directory entry `rel` goes; records it.
     pub fn dir(&mut self, rel: &Path) -> Result<Step> {
-        let mut step = self.place(rel)?;
-        match self.nodes.get(&step.path) {
-            Some(Node::Dir) => step.exists = true,
+        let (mut step, at) = self.place(rel)?;
+        let Some((parent, name)) = at else {
+            step.exists = true;
+            return Ok(step);
+        };
+        match self.child(parent, name.as_bytes()) {
+            Some(id) if self.recs[id as usize].kind == Kind::Dir => step.exists = true,
             Some(_) => bail!("{} exists and is not a directory", step.path.display()),
             None => {
-                self.nodes.insert(step.path.clone(), Node::Dir);
+                self.insert(parent, &name, &Node::Dir, false)?;
             }
         }
         Ok(step)
@@ -184,18 +354,30 @@ impl Tree {
     /// Decides where the non-directory entry `rel` goes (an earlier
     /// non-directory there is replaced); records it as `node`.
     pub fn leaf(&mut self, rel: &Path, node: Node) -> Result<Step> {
-        let mut step = self.place(rel)?;
-        match self.nodes.get(&step.path) {
-            Some(Node::Dir) => bail!("{} exists and is a directory", step.path.display()),
-            Some(_) if self.from_archive.contains(&step.path) => bail!(
-                "{} appears twice in the archive; rebuild the payload without duplicate entries",
-                step.path.display()
-            ),
-            Some(_) => step.replace = true,
-            None => {}
+        let (mut step, at) = self.place(rel)?;
+        let Some((parent, name)) = at else {
+            bail!("the root exists and is a directory");
+        };
+        match self.child(parent, name.as_bytes()) {
+            Some(id) => {
+                let rec = self.recs[id as usize];
+                if rec.kind == Kind::Dir {
+                    bail!("{} exists and is a directory", step.path.display());
+                }
+                if rec.from_archive {
+                    bail!(
+                        "{} appears twice in the archive; rebuild the payload without duplicate entries",
+                        step.path.display()
+                    );
+                }
+                step.replace = true;
+                self.recs[id as usize].from_archive = true;
+                self.set_node(id, &node)?;
+            }
+            None => {
+                self.insert(parent, &name, &node, true)?;
+            }
         }
-        self.from_archive.insert(step.path.clone());
-        self.nodes.insert(step.path.clone(), node);
         Ok(step)
     }
 
@@ -208,17 +390,17 @@ impl Tree {
             .file_name()
             .with_context(|| format!("{} has no file name", to.display()))?;
         let parent = to.parent().unwrap_or(Path::new(""));
-        let source = self
+        let (dir, dir_id) = self
             .resolve_dir(parent, false, &mut Vec::new())
-            .with_context(|| format!("resolving the link target {}", to.display()))?
-            .join(name);
-        let node = match self.nodes.get(&source) {
+            .with_context(|| format!("resolving the link target {}", to.display()))?;
+        let source = dir.join(name);
+        let node = match self.child(dir_id, name.as_bytes()).map(|id| self.node(id)) {
             None => bail!(
                 "the link target {} is not in the archive before the link",
                 to.display()
             ),
             Some(Node::Dir) => bail!("the link target {} is a directory", to.display()),
-            Some(node) => node.clone(),
+            Some(node) => node,
         };
         let parent = rel.parent().unwrap_or(Path::new(""));
         let file = rel
@@ -228,7 +410,7 @@ impl Tree {
         // nothing; errors are left for `leaf` to report.
         let same = matches!(
             self.resolve_dir(parent, false, &mut Vec::new()),
-            Ok(p) if p.join(file) == source
+            Ok((p, _)) if p.join(file) == source
         );
         if same {
             return Ok(None);
@@ -238,19 +420,24 @@ impl Tree {
     }
 
     /// The real path of the entry `rel` with its parents resolved (and the
-    /// missing ones recorded for creation).
-    fn place(&mut self, rel: &Path) -> Result<Step> {
+    /// missing ones recorded for creation), and its parent's id and its own
+    /// name (`None` for the root itself).
+    fn place(&mut self, rel: &Path) -> Result<(Step, Option<(Id, OsString)>)> {
         let mut mkdirs = Vec::new();
-        let path = match (rel.parent(), rel.file_name()) {
-            (Some(parent), Some(name)) => self.resolve_dir(parent, true, &mut mkdirs)?.join(name),
-            _ => PathBuf::new(),
+        let (path, at) = match (rel.parent(), rel.file_name()) {
+            (Some(parent), Some(name)) => {
+                let (dir, id) = self.resolve_dir(parent, true, &mut mkdirs)?;
+                (dir.join(name), Some((id, name.to_owned())))
+            }
+            _ => (PathBuf::new(), None),
         };
-        Ok(Step {
+        let step = Step {
             path,
             mkdirs,
             replace: false,
             exists: false,
-        })
+        };
+        Ok((step, at))
     }
 }
 
@@ -350,6 +537,6 @@ mod tests {
         );
         // A hard link to a symlink is a symlink.
         t.hard_link(&p("s2"), &p("s")).unwrap();
-        assert_eq!(t.get(&p("s2")), Some(&Node::Symlink(p("/etc"))));
+        assert_eq!(t.get(&p("s2")), Some(Node::Symlink(p("/etc"))));
     }
 }

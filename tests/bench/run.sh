@@ -274,10 +274,14 @@ abup_timed() { # method bundle
     RSS+=("$m $(awk -F': ' '/Maximum resident/ {print $2}' "$W/time.txt")")
 }
 
+# In a mount namespace of its own: a mount in the shared one is copied by
+# every process that unshares meanwhile (each abup run does), and such a
+# copy keeps the filesystem alive after umount, its dirty pages unwritten
+# and the device busy for the next mkfs.
 gnu_tar() {
-    mkfs.ext4 -q -F "$P" && mount "$P" "$MNT" &&
-        tar --xattrs --xattrs-include='*' --acls -xpf "$D/tree.tar" -C "$MNT" &&
-        umount "$MNT" && sync
+    unshare -m --propagation private sh -c 'mkfs.ext4 -q -F "$1" && mount "$1" "$2" &&
+        tar --xattrs --xattrs-include="*" --acls -xpf "$3" -C "$2" && umount "$2"' \
+        sh "$P" "$MNT" "$D/tree.tar" && sync
 }
 
 create_timed() { # method args...
