@@ -4,13 +4,17 @@
 //! where it lies (the decompressor's own aligned buffers, 2-4 MiB) with
 //! `O_DIRECT` (no page cache, so no giant final `fsync`: the closing
 //! `fsync` only flushes the device's cache). A device or filesystem that
-//! refuses `O_DIRECT` is written through the page cache instead. When the
-//! image size is known up front, the slot's range is first zeroed with one
-//! `fallocate(PUNCH_HOLE)` — for a block device that is a write-zeroes or
-//! discard the kernel only does where the device guarantees zeroes, never a
-//! slow fallback — and then all-zero 64 KiB pieces of the image are skipped.
-//! Without that guarantee every byte is written. The slot is not cleared
-//! beyond the end of the image.
+//! refuses `O_DIRECT` is written through the page cache instead.
+//!
+//! Runs of all-zero 64 KiB pieces of at least [`MIN_ZERO_RUN`] (the free
+//! space of a filesystem image) are not written but zeroed with
+//! `fallocate(PUNCH_HOLE)`: for a block device a write-zeroes or discard
+//! that the kernel only does where the device guarantees zeroes, never a
+//! slow fallback. Only those runs are zeroed, where they occur in the
+//! stream: zeroing the whole slot first made the device drop and then
+//! reallocate every data block (a serial step before the first write that
+//! grew faster than the image). Where the device cannot, the zeros are
+//! written. The slot is not touched beyond the end of the image.
 
 use anyhow::{bail, Context, Result};
 use nix::fcntl::{fallocate, fcntl, FallocateFlags, FcntlArg, OFlag};
@@ -21,11 +25,15 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use super::pipeline::{Blocks, ReadBlocks, ALIGN};
+use super::pipeline::{AlignedBuf, Blocks, ReadBlocks, ALIGN};
 use super::WriteStats;
 
 /// Granularity of zero skipping.
 const PIECE: usize = 64 << 10;
+
+/// Shortest run of zeros zeroed on the device instead of written: shorter
+/// ones cost less to write than a discard costs the device.
+const MIN_ZERO_RUN: u64 = 1 << 20;
 
 // BLKGETSIZE64 is `_IOR(0x12, 114, size_t)` while the kernel writes a u64:
 // the request code uses the size of `size_t`, the buffer is a u64.
@@ -63,33 +71,32 @@ pub fn device_size(dev: &Path) -> Result<u64> {
 pub struct RawStats {
     /// Image bytes put on the slot (written or known zero).
     pub bytes: u64,
-    /// Bytes of all-zero pieces not written because the slot was zeroed
-    /// first.
+    /// Bytes of zero runs not written but zeroed on the device.
     pub zeros_skipped: u64,
-    /// Whether the slot's range was zeroed first (so zeros could be skipped).
-    pub zeroed: bool,
+    /// Whether the device refused to zero a range (every zero then written).
+    pub zeroing_refused: bool,
     /// Whether the writes bypassed the page cache (`O_DIRECT`).
     pub direct: bool,
 }
 
 impl RawStats {
-    /// How the report says it: "direct I/O, slot zeroed first, 310 MiB of
-    /// zeros skipped".
+    /// How the report says it: "direct I/O, 310 MiB of zeros zeroed on the
+    /// device instead of written".
     pub fn describe(&self) -> String {
-        let mut parts = vec![if self.direct {
-            "direct I/O".to_string()
+        let how = if self.direct {
+            "direct I/O"
         } else {
-            "through the page cache (direct I/O refused)".to_string()
-        }];
-        if self.zeroed {
-            parts.push(format!(
-                "slot zeroed first, {} MiB of zeros skipped",
+            "through the page cache (direct I/O refused)"
+        };
+        let zeros = if self.zeroing_refused {
+            "every byte written (the slot cannot be zeroed cheaply)".to_string()
+        } else {
+            format!(
+                "{} MiB of zeros zeroed on the device instead of written",
                 self.zeros_skipped >> 20
-            ));
-        } else {
-            parts.push("every byte written (the slot cannot be zeroed cheaply)".to_string());
-        }
-        parts.join(", ")
+            )
+        };
+        format!("{how}, {zeros}")
     }
 }
 
@@ -115,10 +122,11 @@ pub fn write_raw_limited(reader: &mut dyn Read, dev: &Path, capacity: u64) -> Re
     })
 }
 
-/// Streams an image of `size` bytes (when known: the slot range is zeroed
-/// first and zero pieces skipped) from `blocks` onto `dev`, at most
+/// Streams an image of `size` bytes (when known: checked against the
+/// capacity before anything is written) from `blocks` onto `dev`, at most
 /// `capacity` bytes, then fsyncs. Each block is written where it lies:
-/// aligned blocks go to the device with `O_DIRECT` without a copy.
+/// aligned blocks go to the device with `O_DIRECT` without a copy; long
+/// runs of zeros are zeroed on the device instead.
 pub fn write_image(
     blocks: &mut dyn Blocks,
     dev: &Path,
@@ -134,9 +142,6 @@ pub fn write_image(
         }
     }
     let mut writer = RawWriter::open(dev, capacity)?;
-    if let Some(size) = size {
-        writer.zero_range(size);
-    }
     let reading = || format!("reading the payload for {}", dev.display());
     loop {
         crate::signal::check()?;
@@ -179,10 +184,14 @@ struct RawWriter {
     dev: PathBuf,
     capacity: u64,
     stats: RawStats,
-    /// Bytes from 0 known to read as zero after [`RawWriter::zero_range`].
-    zero_until: u64,
+    /// The run of zeros read but not yet put on the slot: it starts at
+    /// `stats.bytes - zeros` and ends at `stats.bytes`.
+    zeros: u64,
     /// Whether the file is in `O_DIRECT` mode right now.
     direct: bool,
+    /// Zeros to write where a run is not zeroed on the device (allocated
+    /// when first needed).
+    zero_buf: Option<AlignedBuf>,
 }
 
 impl RawWriter {
@@ -223,26 +232,10 @@ impl RawWriter {
                 direct,
                 ..RawStats::default()
             },
-            zero_until: 0,
+            zeros: 0,
             direct,
+            zero_buf: None,
         })
-    }
-
-    /// Zeroes the first `size` bytes of the slot (rounded up to 4096, within
-    /// the capacity) if the device can do it without writing them: a hole
-    /// punch, which for block devices the kernel does only as a guaranteed
-    /// write-zeroes (`BLKDEV_ZERO_NOFALLBACK`). If it cannot, nothing is
-    /// skipped later.
-    fn zero_range(&mut self, size: u64) {
-        let len = size.next_multiple_of(ALIGN as u64).min(self.capacity);
-        if len == 0 {
-            return;
-        }
-        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        if fallocate(self.file.as_raw_fd(), flags, 0, len as i64).is_ok() {
-            self.stats.zeroed = true;
-            self.zero_until = len;
-        }
     }
 
     /// Whether `n` more bytes stay within the capacity.
@@ -253,83 +246,105 @@ impl RawWriter {
             .is_some_and(|end| end <= self.capacity)
     }
 
-    /// Writes `buf` at the current offset, skipping all-zero pieces in the
-    /// zeroed range.
+    /// Puts the next `buf` of the image on the slot: its leading all-zero
+    /// pieces extend the pending run of zeros, which is then put on the
+    /// slot; the rest is written, except its trailing all-zero pieces, which
+    /// start the next run. Zeros inside the data are written with it.
     fn write(&mut self, buf: &[u8]) -> Result<()> {
         let start = self.stats.bytes;
-        // Runs of pieces to write, between the skippable ones.
-        let mut runs = Vec::new();
-        let mut at = 0;
-        while at < buf.len() {
-            let mut end = at;
-            while end < buf.len() {
-                let piece = &buf[end..buf.len().min(end + PIECE)];
-                let off = start + end as u64;
-                if off + piece.len() as u64 <= self.zero_until && is_zero(piece) {
-                    break;
-                }
-                end += piece.len();
-            }
-            if end > at {
-                runs.push(at..end);
-                at = end;
-            } else {
-                let n = PIECE.min(buf.len() - at);
-                self.stats.zeros_skipped += n as u64;
-                at += n;
-            }
+        let lead = buf
+            .chunks(PIECE)
+            .take_while(|p| is_zero(p))
+            .map(<[u8]>::len)
+            .sum::<usize>();
+        if lead == buf.len() {
+            self.zeros += buf.len() as u64;
+            self.stats.bytes += buf.len() as u64;
+            return Ok(());
         }
-        if !self.write_in_parallel(buf, start, &runs)? {
-            for r in runs {
-                self.write_at(&buf[r.clone()], start + r.start as u64)?;
-            }
+        self.zeros += lead as u64;
+        self.put_zeros(start + lead as u64)?;
+        // Whole pieces from the end, so the data keeps its alignment.
+        let body = buf.len() - lead;
+        let tail = if body.is_multiple_of(PIECE) {
+            buf[lead..]
+                .rchunks(PIECE)
+                .take_while(|p| is_zero(p))
+                .count()
+                * PIECE
+        } else {
+            0
+        };
+        let data = lead..buf.len() - tail;
+        let data_at = start + lead as u64;
+        if !self.write_in_parallel(&buf[data.clone()], data_at)? {
+            self.write_at(&buf[data], data_at)?;
         }
+        self.zeros = tail as u64;
         self.stats.bytes += buf.len() as u64;
         Ok(())
     }
 
-    /// Writes `runs` of `buf` (at `start`) as two concurrent `O_DIRECT`
-    /// writes, so that the device always has the next write queued (one
-    /// write at a time leaves it idle between them). Only for aligned,
-    /// direct writes; `false` when it did not write them (the caller
-    /// writes them one by one, with the page cache fallbacks).
-    fn write_in_parallel(
-        &mut self,
-        buf: &[u8],
-        start: u64,
-        runs: &[std::ops::Range<usize>],
-    ) -> Result<bool> {
-        let total: usize = runs.iter().map(|r| r.len()).sum();
+    /// Puts the pending run of zeros, which ends at `end`, on the slot:
+    /// zeroed by the device when long and the device can (its aligned
+    /// part), else written.
+    fn put_zeros(&mut self, end: u64) -> Result<()> {
+        let len = std::mem::take(&mut self.zeros);
+        let start = end - len;
+        let mut at = start;
+        let whole = match start.is_multiple_of(ALIGN as u64) {
+            true => len - len % ALIGN as u64,
+            false => 0,
+        };
+        if whole >= MIN_ZERO_RUN && !self.stats.zeroing_refused {
+            let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+            match fallocate(self.file.as_raw_fd(), flags, start as i64, whole as i64) {
+                Ok(()) => {
+                    self.stats.zeros_skipped += whole;
+                    at += whole;
+                }
+                // Written below, and every later run too.
+                Err(_) => self.stats.zeroing_refused = true,
+            }
+        }
+        if at == end {
+            return Ok(());
+        }
+        let zero = self
+            .zero_buf
+            .take()
+            .unwrap_or_else(|| AlignedBuf::new(MIN_ZERO_RUN as usize));
+        let result = loop {
+            if at == end {
+                break Ok(());
+            }
+            let n = (end - at).min(zero.capacity() as u64) as usize;
+            if let Err(e) = self.write_at(&zero.as_slice()[..n], at) {
+                break Err(e);
+            }
+            at += n as u64;
+        };
+        self.zero_buf = Some(zero);
+        result
+    }
+
+    /// Writes `buf` at `start` as two concurrent `O_DIRECT` writes, so
+    /// that the device always has the next write queued (one write at a
+    /// time leaves it idle between them). Only for aligned, direct writes;
+    /// `false` when it did not write it (the caller writes it at once, with
+    /// the page cache fallbacks).
+    fn write_in_parallel(&mut self, buf: &[u8], start: u64) -> Result<bool> {
         let aligned = buf.as_ptr().align_offset(ALIGN) == 0
             && start.is_multiple_of(ALIGN as u64)
-            && runs.iter().all(|r| r.len().is_multiple_of(ALIGN));
-        if !self.direct || !aligned || total < 2 * PIECE {
+            && buf.len().is_multiple_of(ALIGN);
+        if !self.direct || !aligned || buf.len() < 2 * PIECE {
             return Ok(false);
         }
-        // Cut the runs in two halves of about equal bytes, at a piece.
-        let half = (total / 2).next_multiple_of(PIECE);
-        let (mut first, mut second) = (Vec::new(), Vec::new());
-        let mut seen = 0;
-        for r in runs {
-            if seen >= half {
-                second.push(r.clone());
-            } else if seen + r.len() <= half {
-                first.push(r.clone());
-            } else {
-                let cut = r.start + (half - seen);
-                first.push(r.start..cut);
-                second.push(cut..r.end);
-            }
-            seen += r.len();
-        }
+        let (first, second) = buf.split_at((buf.len() / 2).next_multiple_of(PIECE));
         let file = &self.file;
-        let write_all = |list: &[std::ops::Range<usize>]| {
-            list.iter()
-                .try_for_each(|r| file.write_all_at(&buf[r.clone()], start + r.start as u64))
-        };
         let result = std::thread::scope(|s| {
-            let other = s.spawn(|| write_all(&second));
-            let mine = write_all(&first);
+            let other = s.spawn(|| file.write_all_at(second, start + first.len() as u64));
+            let mine = file.write_all_at(first, start);
             let theirs = other
                 .join()
                 .unwrap_or_else(|_| Err(std::io::Error::other("a write thread panicked")));
@@ -337,7 +352,7 @@ impl RawWriter {
         });
         match result {
             Ok(()) => Ok(true),
-            // Refused as direct I/O after all: written again one by one.
+            // Refused as direct I/O after all: written again at once.
             Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => Ok(false),
             Err(e) => Err(e).with_context(|| format!("writing rootfs to {}", self.dev.display())),
         }
@@ -374,9 +389,10 @@ impl RawWriter {
         Ok(())
     }
 
-    /// Flushes: with `O_DIRECT` there are no dirty pages, only the device's
-    /// write cache.
-    fn finish(self) -> Result<RawStats> {
+    /// Puts the last run of zeros on the slot and flushes: with `O_DIRECT`
+    /// there are no dirty pages, only the device's write cache.
+    fn finish(mut self) -> Result<RawStats> {
+        self.put_zeros(self.stats.bytes)?;
         self.file
             .sync_all()
             .with_context(|| format!("writing rootfs to {}: syncing", self.dev.display()))?;
@@ -424,11 +440,13 @@ mod tests {
         assert!(back[data.len()..].iter().all(|b| *b == 0));
     }
 
-    /// A scrambled loop device, an image with zero regions and an unaligned
-    /// tail: the slot ends up byte-identical to the image, zeros were
-    /// skipped after zeroing, and the writes went around the page cache.
+    /// A scrambled loop device, an image with zero regions (one across
+    /// blocks, one too short to zero on the device) and an unaligned tail:
+    /// the slot ends up byte-identical to the image, the long run was zeroed
+    /// on the device instead of written, the writes went around the page
+    /// cache, and nothing beyond the image was touched.
     #[test]
-    fn zeroes_then_skips_zeros_with_direct_io() {
+    fn zeroes_long_zero_runs_with_direct_io() {
         let img = sparse_file(16 << 20);
         let junk: Vec<u8> = (0..16 << 20)
             .map(|i: usize| (i * 31 + 7) as u8 | 1)
@@ -446,24 +464,34 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.bytes, data.len() as u64);
-        assert!(s.zeroed, "{s:?}");
+        assert!(!s.zeroing_refused, "{s:?}");
         assert!(s.direct, "{s:?}");
-        assert!(s.zeros_skipped >= 4 << 20, "{s:?}");
+        assert_eq!(s.zeros_skipped, 4 << 20, "{s:?}");
         let back = fs::read(lo.path()).unwrap();
         assert_eq!(&back[..data.len()], &data[..]);
         // Beyond the image (after its last 4096 block) the slot is as it was.
         let end = data.len().next_multiple_of(4096);
         assert_eq!(&back[end..], &junk[end..]);
-        assert!(s.describe().contains("zeros skipped"), "{}", s.describe());
+        assert_eq!(
+            s.describe(),
+            "direct I/O, 4 MiB of zeros zeroed on the device instead of written"
+        );
 
-        // Without a known size nothing is zeroed or skipped, and the zeros
-        // are really written.
-        fs::write(img.path(), &junk).unwrap();
-        let lo2 = LoopDevice::attach(img.path(), None, None, None).unwrap();
-        let mut blocks = ReadBlocks::new(Cursor::new(&data));
-        let s = write_image(&mut blocks, lo2.path(), 16 << 20, None).unwrap();
-        assert!(!s.zeroed && s.zeros_skipped == 0, "{s:?}");
-        assert_eq!(&fs::read(lo2.path()).unwrap()[..data.len()], &data[..]);
+        // A run of zeros at the very end (aligned, then unaligned), without
+        // a size known up front.
+        for len in [12 << 20, (12 << 20) + 512] {
+            fs::write(img.path(), &junk).unwrap();
+            let lo2 = LoopDevice::attach(img.path(), None, None, None).unwrap();
+            let mut data = pattern(len);
+            data[(3 << 20) + 4096..].fill(0);
+            let mut blocks = ReadBlocks::new(Cursor::new(&data));
+            let s = write_image(&mut blocks, lo2.path(), 16 << 20, None).unwrap();
+            assert!(s.zeros_skipped >= 8 << 20, "{s:?}");
+            let back = fs::read(lo2.path()).unwrap();
+            assert_eq!(&back[..data.len()], &data[..], "{len}");
+            let end = data.len().next_multiple_of(4096);
+            assert_eq!(&back[end..], &junk[end..], "{len}");
+        }
     }
 
     #[test]
