@@ -419,7 +419,7 @@ struct Built {
 /// counting both sides.
 fn build_payload(opts: &CreateOptions, dest: &mut File, dest_path: &Path) -> Result<Built> {
     let sink = HashWriter {
-        inner: BufWriter::with_capacity(IO_BUFFER, &mut *dest),
+        inner: BufWriter::with_capacity(IO_BUFFER, Writeback::new(dest)),
         path: dest_path,
         hasher: ChunkHasher::new(DEFAULT_CHUNK_SIZE),
     };
@@ -441,12 +441,11 @@ fn build_payload(opts: &CreateOptions, dest: &mut File, dest_path: &Path) -> Res
         Source::RawImage(path) => {
             let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
             progress.set_total(file.metadata().ok().map(|m| m.len()));
-            let mut tee = Tee::new(
-                BufReader::with_capacity(IO_BUFFER, progress.reader(file)),
-                &mut enc,
-            );
-            drain(&mut tee).with_context(|| format!("reading {}", path.display()))?;
-            (tee.summary(), None)
+            let mut hasher = Sha256::new();
+            let size = enc
+                .read_from(&mut progress.reader(file), &mut |b| hasher.update(b))
+                .with_context(|| format!("reading {}", path.display()))?;
+            ((size, hex::encode(hasher.finalize())), None)
         }
     };
     let mut sink = enc.finish().context("finishing compression")?;
@@ -626,6 +625,59 @@ impl<R: Read, W: Write> Read for Tee<'_, R, W> {
     }
 }
 
+/// Bytes written between two writeback starts.
+const WRITEBACK_EVERY: u64 = 8 << 20;
+
+/// The payload file, written back by the kernel as it grows: every
+/// [`WRITEBACK_EVERY`] bytes, writeback of what came before is started
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, which does not wait), so the
+/// sync that makes the bundle durable at the end waits only for the last
+/// few MiB, not the whole payload.
+struct Writeback<'f> {
+    file: &'f mut File,
+    written: u64,
+    started: u64,
+}
+
+impl<'f> Writeback<'f> {
+    fn new(file: &'f mut File) -> Self {
+        let at = file.stream_position().unwrap_or(0);
+        Writeback {
+            file,
+            written: at,
+            started: at,
+        }
+    }
+}
+
+impl Write for Writeback<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        if self.written - self.started >= WRITEBACK_EVERY {
+            use std::os::fd::AsRawFd;
+            let (from, len) = (self.started as i64, (self.written - self.started) as i64);
+            // SAFETY: a plain system call on an open descriptor, with no
+            // memory passed. Only a hint: where it fails, the final sync
+            // writes everything.
+            unsafe {
+                nix::libc::sync_file_range(
+                    self.file.as_raw_fd(),
+                    from,
+                    len,
+                    nix::libc::SYNC_FILE_RANGE_WRITE,
+                )
+            };
+            self.started = self.written;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
 /// Hashes the stored bytes chunk by chunk on their way to the payload file;
 /// write errors name the file.
 struct HashWriter<'p, W> {
@@ -670,6 +722,29 @@ impl<W: Write> Encoder<W> {
             ParallelEncoder::new(w, codec)
                 .with_context(|| format!("starting the {compression} compression threads"))?,
         ))
+    }
+
+    /// Reads `r` to its end into the compressor (straight into its blocks),
+    /// showing each piece read to `seen`; returns the bytes read.
+    fn read_from(&mut self, r: &mut dyn Read, seen: &mut dyn FnMut(&[u8])) -> io::Result<u64> {
+        match self {
+            Encoder::Parallel(e) => e.read_from(r, seen),
+            Encoder::None(w) => {
+                let mut buf = vec![0u8; IO_BUFFER];
+                let mut total = 0;
+                loop {
+                    let n = match r.read(&mut buf) {
+                        Ok(0) => return Ok(total),
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(e),
+                    };
+                    seen(&buf[..n]);
+                    w.write_all(&buf[..n])?;
+                    total += n as u64;
+                }
+            }
+        }
     }
 
     fn finish(self) -> io::Result<W> {

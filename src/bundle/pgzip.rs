@@ -8,9 +8,9 @@
 //!
 //! Block `k` goes to worker `k % N` and its output comes back from worker
 //! `k % N`, so order is kept with bounded channels and no reordering buffer;
-//! at most about `2 N` blocks are in memory.
+//! at most `2 N` blocks are out (and `2 N + 1` block buffers in memory).
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::thread::{self, JoinHandle};
 
@@ -53,30 +53,56 @@ impl Worker {
         })
     }
 
-    fn compress(&mut self, block: &[u8]) -> io::Result<Vec<u8>> {
+    /// Compresses `block` into `out` (its old contents dropped, its memory
+    /// reused).
+    fn compress(&mut self, block: &[u8], mut out: Vec<u8>) -> io::Result<Vec<u8>> {
+        out.clear();
         match self {
             Worker::Gzip(level) => {
-                let out = Vec::with_capacity(block.len() / 2);
                 let mut e = flate2::write::GzEncoder::new(out, *level);
                 e.write_all(block).and_then(|()| e.finish())
             }
             // One frame, declaring its size (zstd does when it knows it).
-            Worker::Zstd(c) => c.compress(block),
+            Worker::Zstd(c) => {
+                out.reserve(zstd::zstd_safe::compress_bound(block.len()));
+                c.compress_to_buffer(block, &mut out)?;
+                Ok(out)
+            }
         }
     }
 }
 
+/// A block to compress: its buffer, how many bytes of it are input, and the
+/// buffer to compress it into.
+type Job = (Vec<u8>, usize, Vec<u8>);
+
+/// A compressed block, and the input buffer back for reuse.
+type Done = io::Result<(Vec<u8>, Vec<u8>)>;
+
 /// A `Write` that compresses on worker threads and writes the members or
-/// frames to `W`.
+/// frames to `W`. Buffers go round (input blocks and outputs come back for
+/// the next blocks), so nothing is allocated per block.
 pub struct ParallelEncoder<W: Write> {
     inner: W,
+    /// The block being filled: always `block_size` long, `filled` of it
+    /// input.
     block: Vec<u8>,
+    filled: usize,
     block_size: usize,
-    ins: Vec<SyncSender<Vec<u8>>>,
-    outs: Vec<Receiver<io::Result<Vec<u8>>>>,
+    ins: Vec<SyncSender<Job>>,
+    outs: Vec<Receiver<Done>>,
     workers: Vec<JoinHandle<()>>,
     sent: usize,
     written: usize,
+    spare_blocks: Vec<Vec<u8>>,
+    spare_outs: Vec<Vec<u8>>,
+}
+
+/// Blocks out at a time for `n` workers: two each (one being compressed,
+/// one waiting), so a worker never idles while this thread is busy reading
+/// or hashing, and this thread rarely waits for a worker.
+fn in_flight(n: usize) -> usize {
+    2 * n
 }
 
 impl<W: Write> ParallelEncoder<W> {
@@ -87,15 +113,15 @@ impl<W: Write> ParallelEncoder<W> {
         let mut outs = Vec::with_capacity(n);
         let mut workers = Vec::with_capacity(n);
         for i in 0..n {
-            let (tx_in, rx_in) = sync_channel::<Vec<u8>>(1);
-            let (tx_out, rx_out) = sync_channel::<io::Result<Vec<u8>>>(1);
+            let (tx_in, rx_in) = sync_channel::<Job>(1);
+            let (tx_out, rx_out) = sync_channel::<Done>(1);
             let handle = thread::Builder::new()
                 .name(format!("abup-compress-{i}"))
                 .spawn(move || {
                     let mut worker = Worker::new(codec);
-                    while let Ok(block) = rx_in.recv() {
+                    while let Ok((block, filled, out)) = rx_in.recv() {
                         let member = match &mut worker {
-                            Ok(w) => w.compress(&block),
+                            Ok(w) => w.compress(&block[..filled], out).map(|m| (m, block)),
                             Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
                         };
                         if tx_out.send(member).is_err() {
@@ -107,15 +133,19 @@ impl<W: Write> ParallelEncoder<W> {
             outs.push(rx_out);
             workers.push(handle);
         }
+        let block_size = codec.block();
         Ok(ParallelEncoder {
             inner,
-            block: Vec::with_capacity(codec.block()),
-            block_size: codec.block(),
+            block: vec![0; block_size],
+            filled: 0,
+            block_size,
             ins,
             outs,
             workers,
             sent: 0,
             written: 0,
+            spare_blocks: Vec::new(),
+            spare_outs: Vec::new(),
         })
     }
 
@@ -125,32 +155,60 @@ impl<W: Write> ParallelEncoder<W> {
 
     /// Writes the next member in order to `inner`.
     fn write_next(&mut self) -> io::Result<()> {
-        let member = self.outs[self.written % self.outs.len()]
+        let (member, block) = self.outs[self.written % self.outs.len()]
             .recv()
             .map_err(|_| Self::workers_gone())??;
         self.inner.write_all(&member)?;
         self.written += 1;
+        self.spare_blocks.push(block);
+        self.spare_outs.push(member);
         Ok(())
     }
 
     /// Hands the current block to its worker.
     fn send_block(&mut self) -> io::Result<()> {
-        if self.sent - self.written >= self.ins.len() {
+        if self.sent - self.written >= in_flight(self.ins.len()) {
             self.write_next()?;
         }
-        let block = std::mem::replace(&mut self.block, Vec::with_capacity(self.block_size));
+        let next = self
+            .spare_blocks
+            .pop()
+            .unwrap_or_else(|| vec![0; self.block_size]);
+        let block = std::mem::replace(&mut self.block, next);
+        let out = self.spare_outs.pop().unwrap_or_default();
+        let filled = std::mem::take(&mut self.filled);
         self.ins[self.sent % self.ins.len()]
-            .send(block)
+            .send((block, filled, out))
             .map_err(|_| Self::workers_gone())?;
         self.sent += 1;
         Ok(())
+    }
+
+    /// Reads `r` to its end straight into the blocks (no copy in between),
+    /// showing each piece read to `seen` first; returns the bytes read.
+    pub fn read_from(&mut self, r: &mut dyn Read, seen: &mut dyn FnMut(&[u8])) -> io::Result<u64> {
+        let mut total = 0;
+        loop {
+            if self.filled == self.block_size {
+                self.send_block()?;
+            }
+            let n = match r.read(&mut self.block[self.filled..]) {
+                Ok(0) => return Ok(total),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            seen(&self.block[self.filled..self.filled + n]);
+            self.filled += n;
+            total += n as u64;
+        }
     }
 
     /// Compresses what is left and writes every member; returns `W`.
     pub fn finish(mut self) -> io::Result<W> {
         // An empty input still makes one (empty) member or frame: a valid
         // gzip or zstd file.
-        if !self.block.is_empty() || self.sent == 0 {
+        if self.filled > 0 || self.sent == 0 {
             self.send_block()?;
         }
         while self.written < self.sent {
@@ -166,9 +224,10 @@ impl<W: Write> ParallelEncoder<W> {
 
 impl<W: Write> Write for ParallelEncoder<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = buf.len().min(self.block_size - self.block.len());
-        self.block.extend_from_slice(&buf[..n]);
-        if self.block.len() == self.block_size {
+        let n = buf.len().min(self.block_size - self.filled);
+        self.block[self.filled..self.filled + n].copy_from_slice(&buf[..n]);
+        self.filled += n;
+        if self.filled == self.block_size {
             self.send_block()?;
         }
         Ok(n)
@@ -184,7 +243,6 @@ impl<W: Write> Write for ParallelEncoder<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read;
 
     #[test]
     fn round_trips_through_a_multi_member_reader() {
