@@ -12,7 +12,8 @@
 #   raw 1 GiB:  abup zstd / gzip / none bundles  vs  zstd -dc | dd oflag=direct,
 #               pigz -dc | dd oflag=direct, dd oflag=direct of the image,
 #               SWUpdate (Debian's, raw handler, installed-directly, zstd)
-#   raw 4 GiB:  abup zstd (ratio to abup's 1 GiB time)
+#   raw 4 GiB:  abup zstd (ratio to abup's 1 GiB time), and the same ratio
+#               for zstd -dc | dd oflag=direct: how this disk scales
 #   tarball:    abup zstd / gzip  vs  mkfs.ext4 + tar --xattrs -xpf + umount + sync
 #   create:     abup bundle create zstd / gzip  vs  zstd -T0 / pigz
 #
@@ -126,6 +127,9 @@ fi
 [ -f k.key ] || "$ABUP" keygen --secret k.key --public k.pub >/dev/null
 [ -f img1.ext4.zst ] || zstd -q -T0 -3 -c img1.ext4 > img1.ext4.zst
 [ -f img1.ext4.gz ] || pigz -6 -c img1.ext4 > img1.ext4.gz
+if on big; then
+    [ -f img4.ext4.zst ] || zstd -q -T0 -3 -c img4.ext4 > img4.ext4.zst
+fi
 
 # Bundles are rebuilt by each run (the bundle format may have changed).
 bundle() { # out source-flag source compression
@@ -298,7 +302,7 @@ create_timed() { # method args...
 }
 
 # Inputs come from the page cache for every method alike.
-warm() { cat "$D"/*.abup "$D"/img1.ext4* "$D"/tree.tar "$W"/update.swu > /dev/null 2>&1 || true; }
+warm() { cat "$D"/*.abup "$D"/img1.ext4* "$D"/img4.ext4.zst "$D"/tree.tar "$W"/update.swu > /dev/null 2>&1 || true; }
 
 for ((r = 1; r <= RUNS; r++)); do
     echo "==> round $r of $RUNS ($(date -u +%T), load $(cut -d' ' -f1 /proc/loadavg))"
@@ -316,7 +320,9 @@ for ((r = 1; r <= RUNS; r++)); do
     fi
     if on big; then
         on raw || { scramble 1; abup_timed abup_raw_zstd raw-zstd.abup; }
+        on raw || { scramble 1; timed zstd_dd bash -c "zstd -dc $D/img1.ext4.zst | dd of=$P bs=4M iflag=fullblock oflag=direct status=none"; }
         scramble 4; abup_timed abup_raw4_zstd raw4-zstd.abup
+        scramble 4; timed zstd_dd4 bash -c "zstd -dc $D/img4.ext4.zst | dd of=$P bs=4M iflag=fullblock oflag=direct status=none"
     fi
     if on tar; then
         scramble 1; timed gnu_tar gnu_tar
@@ -343,7 +349,7 @@ ratio() { # name a b target
 echo
 echo "medians of $RUNS runs, seconds (IMG_MB=$IMG_MB):"
 for m in dd_direct zstd_dd pigz_dd swupdate_zstd abup_raw_zstd abup_raw_gzip abup_raw_none \
-    abup_raw4_zstd gnu_tar abup_tar_zstd abup_tar_gzip zstd_T0 create_zstd pigz create_gzip; do
+    abup_raw4_zstd zstd_dd4 gnu_tar abup_tar_zstd abup_tar_gzip zstd_T0 create_zstd pigz create_gzip; do
     [ -n "${T[$m]:-}" ] && printf '  %-16s %7.2f   (%s)\n' "$m" "$(median "$m")" "${T[$m]# }"
 done
 echo
@@ -357,6 +363,7 @@ fi
 ratio "abup raw gzip / pigz -dc | dd" abup_raw_gzip pigz_dd "<= 0.7"
 ratio "abup raw none / dd oflag=direct" abup_raw_none dd_direct "-"
 ratio "abup raw 4x / abup raw 1x (zstd)" abup_raw4_zstd abup_raw_zstd "<= 4.3"
+ratio "zstd -dc | dd 4x / 1x (this disk's scaling)" zstd_dd4 zstd_dd "-"
 ratio "abup tar zstd / mkfs + tar + sync" abup_tar_zstd gnu_tar "<= 0.8"
 ratio "abup tar gzip / mkfs + tar + sync" abup_tar_gzip gnu_tar "-"
 ratio "bundle create zstd / zstd -T0" create_zstd zstd_T0 "<= 1.2"
