@@ -1,8 +1,10 @@
 //! Real boots under QEMU (TCG, no KVM here), for the bootloader tests: a VM
 //! runner that reads the serial console as it comes and can stop the VM at
 //! a marker, plus the kernel download and initramfs builder scripts in
-//! `tests/qemu/`. Backend-neutral: GRUB (tests/it/grub_boot.rs) uses it with
-//! OVMF and SeaBIOS; other bootloaders pass their own QEMU arguments.
+//! `tests/qemu/`. Backend-neutral, the one runner of every real-boot test:
+//! GRUB (tests/it/grub_boot.rs and the tests built on its rig) with OVMF and
+//! SeaBIOS, systemd-boot with OVMF, U-Boot (tests/it/uboot_boot.rs) with its
+//! own QEMU arguments.
 
 #![allow(dead_code)]
 
@@ -44,6 +46,23 @@ pub fn build_initramfs(kdir: &Path, init: &Path, out: &Path, files: &[&Path]) {
     let mut cmd = Command::new(scripts().join("mkinitramfs.sh"));
     cmd.arg(kdir).arg(init).arg(out).args(files);
     super::util::sh(&mut cmd);
+}
+
+/// Releases what a killed abup left over `image`: the mounts of its loop
+/// devices (lazily: a killed process may leave them busy a moment) and the
+/// devices. Loop devices a guard of this test process holds stay.
+pub fn release_after_kill(image: &Path) {
+    for lo in super::util::leaked_loops(image) {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        for l in mounts.lines() {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let dash = f.iter().position(|&x| x == "-").unwrap();
+            if Path::new(f[dash + 2]) == lo {
+                let _ = Command::new("umount").arg("-l").arg(f[4]).status();
+            }
+        }
+        let _ = Command::new("losetup").arg("-d").arg(&lo).status();
+    }
 }
 
 /// How long one boot may take before it is killed: about 20 times a quiet
@@ -256,6 +275,10 @@ pub struct Vm {
     pub writable: Vec<PathBuf>,
     /// A console silent this long means a stall ([`STALL`]).
     pub stall: Duration,
+    /// Let the guest reboot (one run then spans every boot until it powers
+    /// off: U-Boot's fallback after panics); by default a reboot ends the
+    /// run (`-no-reboot`).
+    pub reboot: bool,
 }
 
 impl Vm {
@@ -269,6 +292,7 @@ impl Vm {
             timeout: BOOT_TIMEOUT,
             writable: Vec::new(),
             stall: STALL,
+            reboot: false,
         }
     }
 
@@ -308,11 +332,12 @@ impl Vm {
     }
 
     /// Boots once: runs QEMU with the serial console on stdout, no display,
-    /// `-no-reboot` (a reboot ends the run), until it exits, the console
-    /// shows one of `stop_at` (then it is killed: a power cut), or the
-    /// timeout. A boot that stalls is retried once from the
-    /// [`writable`](Self::writable) files as they were before it; the
-    /// stalled try is kept in [`Boot::stalled_tries`].
+    /// `-no-reboot` (a reboot ends the run) unless [`reboot`](Self::reboot),
+    /// until it exits, the console shows one of `stop_at` (then it is
+    /// killed: a power cut), or the timeout. A boot that stalls is retried
+    /// once from the [`writable`](Self::writable) files as they were before
+    /// it; the stalled try is kept in [`Boot::stalled_tries`]. QEMU is killed
+    /// on the way out whatever happens, a panic of the test included.
     pub fn boot(&self, stop_at: &[&str]) -> Boot {
         let saved: Vec<(PathBuf, PathBuf)> = self
             .writable
@@ -349,23 +374,22 @@ impl Vm {
     /// One run of QEMU for [`boot`](Self::boot).
     fn run(&self, stop_at: &[&str]) -> Boot {
         let start = Instant::now();
-        let mut child = Command::new(&self.program)
-            .args(&self.args)
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args)
             // -nographic (not -display none): SeaBIOS then mirrors its and
             // GRUB's screen to the serial port too.
-            .args([
-                "-nographic",
-                "-monitor",
-                "none",
-                "-no-reboot",
-                "-net",
-                "none",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {} (install qemu): {e}", self.program));
+            .args(["-nographic", "-monitor", "none", "-net", "none"]);
+        if !self.reboot {
+            cmd.arg("-no-reboot");
+        }
+        let mut qemu = KillOnDrop(
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {} (install qemu): {e}", self.program)),
+        );
+        let child = &mut qemu.0;
         // The console as it arrives, with when each chunk came.
         let out = Arc::new(Mutex::new((Vec::new(), Vec::new())));
         let reader = {
@@ -482,6 +506,16 @@ fn a_stalled_boot_is_retried_from_the_disk_as_it_was() {
         boot.stalled_tries[0]
     );
     assert!(!Path::new(&format!("{}.before-boot", disk.display())).exists());
+}
+
+/// A QEMU process, killed and reaped when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// The kernel download and the initramfs builder work together: a busybox

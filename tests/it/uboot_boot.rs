@@ -13,11 +13,12 @@
 //! The kernel and busybox packages come from the cache tests/run.sh fills
 //! (`/var/cache/abup-tests`, `apt-get download` of arm64 packages).
 
+use super::qemu::{Boot, Ended, Vm, BOOT_TIMEOUT};
 use crate::util::*;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Where tests/run.sh leaves the packages (`ABUP_TEST_CACHE` overrides).
 fn cache() -> PathBuf {
@@ -123,98 +124,75 @@ fn slot_tree(dir: &Path, version: &str, panics: bool) {
     fs::remove_dir_all(&r).expect("removing the initramfs staging tree");
 }
 
-/// One QEMU run: from power-on until the guest powers off (through any
-/// reboots in between), with the serial console it printed.
-struct Run {
-    console: String,
-    secs: f64,
+/// `(slot, version)` of every boot of a run that reached the initramfs.
+fn boots(run: &Boot) -> Vec<(String, String)> {
+    run.lines_with("ABUP-BOOTED ")
+        .iter()
+        .map(|l| {
+            let f = |k: &str| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix(k))
+                    .unwrap_or("")
+                    .to_string()
+            };
+            (f("slot="), f("version="))
+        })
+        .collect()
 }
 
-impl Run {
-    /// `(slot, version)` of every boot that reached the initramfs.
-    fn boots(&self) -> Vec<(String, String)> {
-        self.console
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("ABUP-BOOTED "))
-            .map(|l| {
-                let f = |k: &str| {
-                    l.split_whitespace()
-                        .find_map(|w| w.strip_prefix(k))
-                        .unwrap_or("")
-                        .to_string()
-                };
-                (f("slot="), f("version="))
-            })
-            .collect()
-    }
-
-    fn u_boot_lines(&self) -> Vec<&str> {
-        self.console
-            .lines()
-            .filter(|l| l.starts_with("abup: "))
-            .collect()
-    }
-}
-
-fn boot(disk: &Path, work: &Path, max: Duration) -> Run {
-    let log = work.join("console.log");
-    let _ = fs::remove_file(&log);
-    let start = Instant::now();
-    let mut child = Command::new("qemu-system-aarch64")
-        .args(["-M", "virt", "-cpu", "cortex-a57", "-m", "512", "-smp", "1"])
-        .args(["-display", "none", "-monitor", "none"])
-        .arg("-serial")
-        .arg(format!("file:{}", s(&log)))
-        .args(["-bios", UBOOT_BIN])
-        .arg("-drive")
-        .arg(format!("if=none,file={},format=raw,id=d", s(disk)))
-        .args(["-device", "virtio-blk-device,drive=d"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting qemu-system-aarch64 (install qemu-system-arm)");
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        if start.elapsed() > max {
-            let _ = child.kill();
-            let _ = child.wait();
-            let console = fs::read_to_string(&log).unwrap_or_default();
-            panic!("the VM did not power off within {max:?}; console:\n{console}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let raw = fs::read(&log).unwrap_or_default();
-    let run = Run {
-        console: String::from_utf8_lossy(&raw).replace('\r', ""),
-        secs: start.elapsed().as_secs_f64(),
-    };
-    eprintln!(
-        "uboot boot: {:.1} s, boots {:?}, U-Boot said {:?}",
-        run.secs,
-        run.boots(),
-        run.u_boot_lines()
+/// A run of one boot, of `slot` running `version`.
+#[track_caller]
+fn boot_once(disk: &Path, slot: &str, version: &str) -> Boot {
+    let run = boot(disk, BOOT_TIMEOUT);
+    assert_eq!(
+        boots(&run),
+        [(slot.to_string(), version.to_string())],
+        "{}",
+        run.timeline()
     );
     run
 }
 
-/// What a killed abup leaves behind (its mounts of slots and the loop
-/// devices under them, ours to release since our child made them).
-fn release_after_kill(image: &Path) {
-    std::thread::sleep(Duration::from_millis(500));
-    for lo in loops_over(image) {
-        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
-        for l in mounts.lines() {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let dash = f.iter().position(|&x| x == "-").unwrap();
-            if Path::new(f[dash + 2]) == lo {
-                let _ = Command::new("umount").arg(f[4]).status();
-            }
-        }
-        let _ = Command::new("losetup").arg("-d").arg(&lo).status();
-    }
+/// One QEMU run: from power-on until the guest powers off, through any
+/// reboots in between (U-Boot's fallback after panics), within `timeout`
+/// (retried once from the disk as it was if it stalls, see `qemu::Vm`).
+fn boot(disk: &Path, timeout: Duration) -> Boot {
+    let mut vm = Vm::new(
+        "qemu-system-aarch64",
+        [
+            "-M".to_string(),
+            "virt".into(),
+            "-cpu".into(),
+            "cortex-a57".into(),
+            "-m".into(),
+            "512".into(),
+            "-smp".into(),
+            "1".into(),
+            "-bios".into(),
+            UBOOT_BIN.into(),
+            "-drive".into(),
+            format!("if=none,file={},format=raw,id=d", s(disk)),
+            "-device".into(),
+            "virtio-blk-device,drive=d".into(),
+        ],
+    );
+    vm.reboot = true;
+    vm.timeout = timeout;
+    vm.writable.push(disk.to_path_buf());
+    let run = vm.boot(&[]);
+    assert_eq!(
+        run.ended,
+        Ended::Exited,
+        "the VM did not power off within {timeout:?}; console:\n{}",
+        run.timeline()
+    );
+    eprintln!(
+        "uboot boot: {:.1} s, boots {:?}, U-Boot said {:?}",
+        run.secs,
+        boots(&run),
+        run.lines_with("abup: ")
+    );
+    run
 }
 
 fn printenv(env: &Env) -> std::collections::BTreeMap<String, String> {
@@ -257,11 +235,9 @@ fn uboot_real_boots_install_fallback_and_no_boot_loop() {
         slot_tree(&tree, version, panics);
         env.bundle(Source::Rootfs(&tree), version, "zstd")
     };
-    let long = Duration::from_secs(300);
 
     // 0. A boots; U-Boot counts the try in the redundant env on FAT.
-    let r = boot(&image, &work, long);
-    assert_eq!(r.boots(), [("A".into(), "1.0.0".into())], "{}", r.console);
+    boot_once(&image, "A", "1.0.0");
     assert_eq!(printenv(&env)["BOOT_A_LEFT"], "2");
     env.abup(&["--booted-slot", "A", "mark-good"]).ok();
 
@@ -269,8 +245,7 @@ fn uboot_real_boots_install_fallback_and_no_boot_loop() {
     let v2 = bundle("2.0.0", false);
     env.install_ok("A", &v2, &[]);
     assert_eq!(printenv(&env)["BOOT_ORDER"], "B A");
-    let r = boot(&image, &work, long);
-    assert_eq!(r.boots(), [("B".into(), "2.0.0".into())], "{}", r.console);
+    boot_once(&image, "B", "2.0.0");
     assert_eq!(printenv(&env)["BOOT_B_LEFT"], "1");
     let st = env.status(Some("B"));
     assert_eq!(st["slots"]["B"]["tries_left"], 1, "{st:#}");
@@ -279,26 +254,25 @@ fn uboot_real_boots_install_fallback_and_no_boot_loop() {
     // 2. mark-good resets the counter; B keeps booting.
     env.abup(&["--booted-slot", "B", "mark-good"]).ok();
     assert_eq!(printenv(&env)["BOOT_B_LEFT"], "2");
-    let r = boot(&image, &work, long);
-    assert_eq!(r.boots(), [("B".into(), "2.0.0".into())], "{}", r.console);
+    boot_once(&image, "B", "2.0.0");
     env.abup(&["--booted-slot", "B", "mark-good"]).ok();
 
     // 3. A v3 that panics, installed into A: tried twice, then U-Boot falls
     //    back to B on its own (the VM reboots through the panics).
     let v3 = bundle("3.0.0", true);
     env.install_ok("B", &v3, &[]);
-    let r = boot(&image, &work, Duration::from_secs(480));
+    let r = boot(&image, BOOT_TIMEOUT * 3);
     assert_eq!(
-        r.boots(),
+        boots(&r),
         [
             ("A".into(), "3.0.0".into()),
             ("A".into(), "3.0.0".into()),
             ("B".into(), "2.0.0".into())
         ],
         "{}",
-        r.console
+        r.timeline()
     );
-    assert_eq!(r.console.matches("ABUP-PANIC").count(), 2);
+    assert_eq!(r.text().matches("ABUP-PANIC").count(), 2);
     let after = printenv(&env);
     assert_eq!(after["BOOT_ORDER"], "B", "A used its tries: dropped");
     assert_eq!(after["BOOT_B_LEFT"], "1");
@@ -308,8 +282,7 @@ fn uboot_real_boots_install_fallback_and_no_boot_loop() {
 
     // 4. No boot-loop: B is never marked good again. It boots counted once
     //    more, then uncounted; the broken A never again.
-    let r = boot(&image, &work, long);
-    assert_eq!(r.boots(), [("B".into(), "2.0.0".into())], "{}", r.console);
+    boot_once(&image, "B", "2.0.0");
     assert_eq!(printenv(&env)["BOOT_B_LEFT"], "0");
     // No slot has tries left: status names the slot U-Boot boots uncounted
     // (the boot below proves it), with no "nothing bootable" warning.
@@ -319,12 +292,11 @@ fn uboot_real_boots_install_fallback_and_no_boot_loop() {
         !st["warnings"].to_string().contains("no slot it can boot"),
         "{st:#}"
     );
-    let r = boot(&image, &work, long);
-    assert_eq!(r.boots(), [("B".into(), "2.0.0".into())], "{}", r.console);
+    let r = boot_once(&image, "B", "2.0.0");
     assert!(
-        r.console.contains("no slot has tries left"),
+        r.text().contains("no slot has tries left"),
         "{}",
-        r.console
+        r.timeline()
     );
     env.abup(&["--booted-slot", "B", "mark-good"]).ok();
 
@@ -359,8 +331,7 @@ fn uboot_real_boots_install_fallback_and_no_boot_loop() {
         !status.success(),
         "the install finished before it was killed"
     );
-    release_after_kill(&image);
+    super::qemu::release_after_kill(&image);
     assert_eq!(printenv(&env)["BOOT_ORDER"], "B", "A was marked bad first");
-    let r = boot(&image, &work, long);
-    assert_eq!(r.boots(), [("B".into(), "2.0.0".into())], "{}", r.console);
+    boot_once(&image, "B", "2.0.0");
 }
