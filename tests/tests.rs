@@ -18,6 +18,8 @@ mod bootfiles;
 mod bootfiles_boot;
 #[path = "it/crash.rs"]
 mod crash;
+#[path = "it/custom_boot.rs"]
+mod custom_boot;
 #[path = "it/format.rs"]
 mod format;
 #[path = "it/fuzz_replay.rs"]

@@ -40,6 +40,8 @@ pub(crate) struct Rig {
     pub(crate) secret: PathBuf,
     pub(crate) public: PathBuf,
     pub(crate) parts: BTreeMap<String, (u64, u64)>,
+    /// The `[boot]` section of abup's configs; GRUB's own by default.
+    pub(crate) boot_toml: BootToml,
     boots: u32,
     boot_secs: f64,
 }
@@ -81,6 +83,7 @@ impl Rig {
             secret,
             public,
             parts,
+            boot_toml: BootToml::grub(),
             boots: 0,
             boot_secs: 0.0,
         }
@@ -119,10 +122,10 @@ impl Rig {
             format!(
                 "compatible = \"{COMPATIBLE}\"\nstate_dir = \"{}/abup\"\n[disk]\ndevice = \"{}\"\n\
                  [slots.A]\npartlabel = \"rootA\"\n[slots.B]\npartlabel = \"rootB\"\n\
-                 [boot]\nbackend = \"grub\"\ntries = {tries}\n[boot.grub]\npartlabel = \"boot\"\n\
-                 path = \"grub/grubenv\"\n[keys]\ntrusted = [\"{}\"]\n{extra}",
+                 {}[keys]\ntrusted = [\"{}\"]\n{extra}",
                 data.display(),
                 disk.display(),
+                self.boot_toml.section(tries, &self.boot_toml.host),
                 self.public.display()
             ),
         )
@@ -149,24 +152,15 @@ impl Rig {
         if panics {
             fs::write(root.join("etc/abup-panic"), "").unwrap();
         }
-        fs::copy(&self.abup_small, root.join("usr/bin/abup")).unwrap();
-        for lib in sh(Command::new("ldd").arg(&self.abup_small))
-            .split_whitespace()
-            .filter(|w| w.starts_with('/'))
-        {
-            let to = root.join(&lib[1..]);
-            fs::create_dir_all(to.parent().unwrap()).unwrap();
-            fs::copy(lib, &to).unwrap();
-        }
+        copy_with_libs(&self.abup_small, &root, "usr/bin/abup");
         fs::copy(&self.public, root.join("etc/abup/release.pub")).unwrap();
         fs::write(
             root.join("etc/abup/system.toml"),
             format!(
                 "compatible = \"{COMPATIBLE}\"\nstate_dir = \"/data/abup\"\n[disk]\n\
                  device = \"/dev/nvme0n1\"\n[slots.A]\npartlabel = \"rootA\"\n[slots.B]\n\
-                 partlabel = \"rootB\"\n[boot]\nbackend = \"grub\"\ntries = 3\n[boot.grub]\n\
-                 partlabel = \"boot\"\npath = \"grub/grubenv\"\n[keys]\n\
-                 trusted = [\"/etc/abup/release.pub\"]\n"
+                 partlabel = \"rootB\"\n{}[keys]\ntrusted = [\"/etc/abup/release.pub\"]\n",
+                self.boot_toml.section(3, &self.boot_toml.slot)
             ),
         )
         .unwrap();
@@ -185,14 +179,7 @@ impl Rig {
                 .arg(&root)
                 .arg(&image)
                 .arg("64M"));
-            make_bundle(
-                Source::Image(&image),
-                version,
-                "zstd",
-                Some(&self.secret),
-                COMPATIBLE,
-                &out,
-            );
+            self.signed_bundle(Source::Image(&image), version, &out);
         } else if !kernel {
             // A tarball made by GNU tar (a rootfs directory would get a
             // test kernel added by make_bundle).
@@ -203,25 +190,17 @@ impl Rig {
                 .arg("-cf")
                 .arg(&tar)
                 .arg("."));
-            make_bundle(
-                Source::Tarball(&tar),
-                version,
-                "zstd",
-                Some(&self.secret),
-                COMPATIBLE,
-                &out,
-            );
+            self.signed_bundle(Source::Tarball(&tar), version, &out);
         } else {
-            make_bundle(
-                Source::Rootfs(&root),
-                version,
-                "zstd",
-                Some(&self.secret),
-                COMPATIBLE,
-                &out,
-            );
+            self.signed_bundle(Source::Rootfs(&root), version, &out);
         }
         out
+    }
+
+    /// `out`: a zstd bundle of `source` for the rig's device, signed with
+    /// the rig's release key.
+    pub(crate) fn signed_bundle(&self, source: Source, version: &str, out: &Path) {
+        make_bundle(source, version, "zstd", Some(&self.secret), COMPATIBLE, out);
     }
 
     /// Runs abup on the host with the data partition mounted.
@@ -247,7 +226,7 @@ impl Rig {
     }
 
     /// The grubenv as GRUB reads it (see [`grub_view`]).
-    fn grub_view(&self) -> BTreeMap<String, String> {
+    pub(crate) fn grub_view(&self) -> BTreeMap<String, String> {
         let (offset, size) = self.parts["boot"];
         grub_view(&self.img, offset, size, &self.dir)
     }
@@ -331,6 +310,51 @@ impl Rig {
     }
 }
 
+/// The `[boot]` section of the rig's abup configs, on the host and in the
+/// slots (`tries` is filled in per run).
+#[derive(Clone, Debug)]
+pub(crate) struct BootToml {
+    pub(crate) backend: &'static str,
+    /// The backend's own sub-section on the host, and in the slots.
+    pub(crate) host: String,
+    pub(crate) slot: String,
+}
+
+impl BootToml {
+    /// The grub backend on the boot partition, on the host and in the VM.
+    fn grub() -> BootToml {
+        let grub = "[boot.grub]\npartlabel = \"boot\"\npath = \"grub/grubenv\"\n".to_string();
+        BootToml {
+            backend: "grub",
+            host: grub.clone(),
+            slot: grub,
+        }
+    }
+
+    fn section(&self, tries: u32, sub: &str) -> String {
+        format!(
+            "[boot]\nbackend = \"{}\"\ntries = {tries}\n{sub}",
+            self.backend
+        )
+    }
+}
+
+/// Copies the executable `bin` to `to` inside `root`, with the libraries
+/// `ldd` says it loads (at their own paths).
+pub(crate) fn copy_with_libs(bin: &Path, root: &Path, to: &str) {
+    let dest = root.join(to);
+    fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    fs::copy(bin, &dest).unwrap();
+    for lib in sh(Command::new("ldd").arg(bin))
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+    {
+        let to = root.join(&lib[1..]);
+        fs::create_dir_all(to.parent().unwrap()).unwrap();
+        fs::copy(lib, &to).unwrap();
+    }
+}
+
 /// The grubenv as GRUB reads it: the boot partition's bytes as the disk
 /// holds them (the image file, which a loop device writes through), read
 /// with `debugfs -c`, which does not replay the journal (nor does GRUB).
@@ -380,7 +404,7 @@ fn grubenv_writes_reach_grubs_view_while_the_boot_partition_stays_mounted() {
 /// Checks variables as grub.cfg reads them: one of the contract's
 /// variables missing from the block means its default (`ORDER="A B"`,
 /// `ABUP_MAX_TRIES=3`, every other `0`; boot-backends/grub/README.md).
-fn env_has(env: &BTreeMap<String, String>, want: &[(&str, &str)]) {
+pub(crate) fn env_has(env: &BTreeMap<String, String>, want: &[(&str, &str)]) {
     for (k, v) in want {
         let default = match *k {
             "ORDER" => Some("A B"),
@@ -400,7 +424,7 @@ fn env_has(env: &BTreeMap<String, String>, want: &[(&str, &str)]) {
 /// missing ones), ignoring whether it can find the slot: the first in
 /// `ORDER` with `X_OK=1` and either `X_GOOD=1` or `X_TRY < ABUP_MAX_TRIES`.
 /// Written from boot-backends/grub/README.md, not from abup's own code.
-fn grub_picks(env: &BTreeMap<String, String>) -> Option<String> {
+pub(crate) fn grub_picks(env: &BTreeMap<String, String>) -> Option<String> {
     let get = |k: &str, d: &str| env.get(k).cloned().unwrap_or_else(|| d.to_string());
     let max: u32 = get("ABUP_MAX_TRIES", "3").parse().unwrap();
     get("ORDER", "A B")
@@ -573,13 +597,7 @@ fn scenarios(firmware: Firmware) {
         assert_eq!(out.status.signal(), Some(9), "abup was not killed: {out:?}");
     }
     // What the killed abup left mounted or attached over this image.
-    let _ = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "for l in $(losetup -j {} -O NAME -n); do umount -l $l 2>/dev/null; grep -o \"^$l [^ ]*\" /proc/mounts | cut -d' ' -f2 | xargs -r umount -l; losetup -d $l; done",
-            rig.img.display()
-        ))
-        .status();
+    qemu::release_after_kill(&rig.img);
     // (ORDER is still "A B" from the boot-loop case: A is just not bootable.)
     let view = rig.grub_view();
     assert_eq!(grub_picks(&view).as_deref(), Some("B"), "{view:?}");
