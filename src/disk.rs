@@ -4,7 +4,9 @@
 //! with the `gpt` crate at the disk's logical sector size (512 or 4096).
 //! A partition resolves to its kernel node (`/dev/sda3`, `/dev/loop0p3`)
 //! when one exists, and otherwise to a loop device over the partition's byte
-//! range, attached for as long as abup runs and detached on drop.
+//! range, attached for as long as abup runs and detached on drop. A kernel
+//! node over other bytes than the GPT entry (a stale kernel table) is an
+//! error: abup never writes a slot through it.
 
 use crate::config::PartRef;
 use crate::mount::LoopDevice;
@@ -215,7 +217,7 @@ impl Disk {
             .dev();
         let mut devs = self.overlapping_loops(part)?;
         if self.is_block {
-            devs.extend(kernel_partition_node(&self.path, part.number)?);
+            devs.extend(kernel_partition_node(&self.path, part)?);
         }
         Ok(devs.iter().any(|d| rdev(d).is_ok_and(|r| r == st_dev)))
     }
@@ -252,8 +254,8 @@ impl Disk {
         if self.is_block {
             out.push(disk.clone());
             for p in &self.partitions {
-                if let Ok(Some(n)) = kernel_partition_node(&disk, p.number) {
-                    out.push(n);
+                if let Ok(Some(n)) = kernel_node(&disk, p.number) {
+                    out.push(n.path);
                 }
             }
         }
@@ -268,7 +270,7 @@ impl Disk {
     /// kernel created one, else a loop device over its byte range.
     pub fn device(&self, part: &PartInfo) -> Result<PartDevice> {
         if self.is_block {
-            if let Some(node) = kernel_partition_node(&self.path, part.number)? {
+            if let Some(node) = kernel_partition_node(&self.path, part)? {
                 return Ok(PartDevice {
                     path: node,
                     _loop: None,
@@ -370,12 +372,28 @@ fn sys_name(path: &Path) -> Result<String> {
         .with_context(|| format!("resolving {}: no device name", path.display()))
 }
 
+/// A partition node the kernel made for a block device, and the byte range
+/// it reaches (sysfs counts in 512-byte units whatever the sector size).
+struct KernelNode {
+    path: PathBuf,
+    start: u64,
+    size: u64,
+}
+
 /// `/dev/<child>` for the partition numbered `number` of block device `disk`,
 /// as listed under `/sys/class/block/<disk>/`.
-fn kernel_partition_node(disk: &Path, number: u32) -> Result<Option<PathBuf>> {
+fn kernel_node(disk: &Path, number: u32) -> Result<Option<KernelNode>> {
     let name = sys_name(disk)?;
     let dir = PathBuf::from("/sys/class/block").join(&name);
     let entries = fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?;
+    let units = |p: PathBuf| -> Result<u64> {
+        let s = fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        let n: u64 = s
+            .trim()
+            .parse()
+            .with_context(|| format!("parsing {}", p.display()))?;
+        Ok(n * 512)
+    };
     for e in entries.flatten() {
         let child = e.file_name().to_string_lossy().into_owned();
         if !child.starts_with(&name) {
@@ -383,14 +401,48 @@ fn kernel_partition_node(disk: &Path, number: u32) -> Result<Option<PathBuf>> {
         }
         if let Ok(n) = fs::read_to_string(e.path().join("partition")) {
             if n.trim().parse::<u32>().ok() == Some(number) {
-                let node = PathBuf::from("/dev").join(&child);
-                if node.exists() {
-                    return Ok(Some(node));
+                let path = PathBuf::from("/dev").join(&child);
+                if path.exists() {
+                    return Ok(Some(KernelNode {
+                        path,
+                        start: units(e.path().join("start"))?,
+                        size: units(e.path().join("size"))?,
+                    }));
                 }
             }
         }
     }
     Ok(None)
+}
+
+/// The kernel node of `part` on block device `disk`, when one exists and
+/// reaches exactly the partition's bytes. A node over other bytes is a
+/// stale kernel partition table (the disk was repartitioned, or a loop
+/// device reused, without the kernel re-reading it): writing through it
+/// would write somewhere else, perhaps into the booted slot, so it is an
+/// error, not a fallback.
+fn kernel_partition_node(disk: &Path, part: &PartInfo) -> Result<Option<PathBuf>> {
+    let Some(node) = kernel_node(disk, part.number)? else {
+        return Ok(None);
+    };
+    if (node.start, node.size) != (part.start, part.size) {
+        bail!(
+            "{} (the kernel's partition {} of {}) covers bytes {}..{}, but the GPT puts \
+             partition {} {:?} at bytes {}..{}: the kernel's partition table is stale; \
+             run `partx -u {}` (or reboot) so that it matches the disk, then run abup again",
+            node.path.display(),
+            part.number,
+            disk.display(),
+            node.start,
+            node.start + node.size,
+            part.number,
+            part.label,
+            part.start,
+            part.start + part.size,
+            disk.display()
+        );
+    }
+    Ok(Some(node.path))
 }
 
 /// `disk`, then what backs it while it is a loop device, each with the byte

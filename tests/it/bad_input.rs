@@ -372,6 +372,34 @@ fn target_slot_mounted_through_another_loop_device() {
     refused_while_mounted(&env, lo.path());
 }
 
+/// A kernel partition node over other bytes than the GPT gives its
+/// partition (a stale kernel table: the disk repartitioned, or a loop number
+/// reused, without a re-read) is refused: writing slot B through it would
+/// write elsewhere, here into the booted slot A.
+#[test]
+fn stale_kernel_partition_node_is_refused() {
+    let env = Env::builder().sector(4096).build();
+    let bundle = env.simple_bundle("1.0.0");
+    let whole = env.disk.device();
+    let a = env.disk.part("rootA");
+    // The kernel's partition 3 over slot A's bytes (addpart counts 512-byte
+    // units); the test disk removes it on drop.
+    sh(Command::new("addpart")
+        .arg(&whole)
+        .arg("3")
+        .arg((a.start / 512).to_string())
+        .arg((a.size / 512).to_string()));
+    let before = env.snapshot();
+    let slot_b = env.disk.sha256_of_partition("rootB");
+    let line = install(&env, &bundle).failed(3, &["stale", "partx -u", "rootB"]);
+    assert!(line.contains(&format!("{}p3", whole.display())), "{line}");
+    env.assert_untouched(&before);
+    assert_eq!(env.disk.sha256_of_partition("rootB"), slot_b);
+    // Once the kernel's table matches the disk, the same install goes through.
+    sh(Command::new("partx").arg("-u").arg(&whole));
+    install(&env, &bundle).ok();
+}
+
 #[test]
 fn trailing_garbage_after_the_bundle() {
     let env = Env::new();

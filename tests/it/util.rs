@@ -130,7 +130,9 @@ impl LoopDevice {
             if out.status.success() && !name.is_empty() {
                 let path = PathBuf::from(name);
                 lock(&HELD_LOOPS).push(path.clone());
-                return LoopDevice { path };
+                let lo = LoopDevice { path };
+                clear_stale_partitions(&lo.path);
+                return lo;
             }
             last = String::from_utf8_lossy(&out.stderr).into_owned();
         }
@@ -163,6 +165,43 @@ impl Drop for LoopDevice {
         }
         lock(&HELD_LOOPS).retain(|p| p != &self.path);
     }
+}
+
+/// The kernel partitions of block device `dev` (`loop3p1`, …), from sysfs.
+pub fn kernel_partitions_of(dev: &Path) -> Vec<String> {
+    let name = dev.file_name().unwrap_or_default().to_string_lossy();
+    fs::read_dir(Path::new("/sys/class/block").join(&*name))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join("partition").exists())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Removes kernel partitions a freshly attached loop device carries over
+/// from an earlier user of its number: partitions added with `partx -a` or
+/// `addpart` outlive a detach. Left there, they reach bytes of this test's
+/// image that the test does not expect (abup refuses such a stale node, and
+/// a test reading through one reads the wrong range).
+fn clear_stale_partitions(dev: &Path) {
+    for attempt in 0..20u64 {
+        if kernel_partitions_of(dev).is_empty() {
+            return;
+        }
+        let _ = Command::new("partx")
+            .arg("-d")
+            .arg(dev)
+            .stderr(Stdio::null())
+            .status();
+        thread::sleep(Duration::from_millis(50 * attempt));
+    }
+    let left = kernel_partitions_of(dev);
+    assert!(
+        left.is_empty(),
+        "{} came with kernel partitions of an earlier user that cannot be removed: {left:?}",
+        dev.display()
+    );
 }
 
 /// Loop devices attached to `backing` (a file or block device), as
@@ -299,11 +338,15 @@ pub struct TestDisk {
 
 impl Drop for TestDisk {
     fn drop(&mut self) {
-        if let (true, Some(w)) = (self.partx, &self.whole) {
+        if let Some(w) = &self.whole {
             // A partition still held (a slow unmount, a dying child) makes
             // `partx -d` fail for it; a kernel partition left behind would
             // outlive the detach and break the next user of this loop number.
+            // (A test may have added one of its own: addpart.)
             for attempt in 0..20u64 {
+                if kernel_partitions_of(w.path()).is_empty() {
+                    break;
+                }
                 let done = Command::new("partx")
                     .arg("-d")
                     .arg(w.path())
@@ -442,13 +485,8 @@ impl TestDisk {
             .whole
             .as_ref()
             .expect("partx needs a whole-disk loop device");
-        // Partitions a crashed user of this loop number left in the kernel
-        // would make `partx -a` fail: clear them first.
-        let _ = Command::new("partx")
-            .arg("-d")
-            .arg(w.path())
-            .stderr(Stdio::null())
-            .status();
+        // Partitions an earlier user of this loop number left in the kernel
+        // were cleared when it was attached (they would make `partx -a` fail).
         sh(Command::new("partx").arg("-a").arg(w.path()));
         self.partx = true;
         // devtmpfs creates the nodes asynchronously.
