@@ -26,6 +26,8 @@ mod format;
 mod fuzz_replay;
 #[path = "it/grub_boot.rs"]
 mod grub_boot;
+#[path = "it/harness.rs"]
+mod harness;
 #[path = "it/hostile.rs"]
 mod hostile;
 #[path = "it/install.rs"]

@@ -236,9 +236,21 @@ pub fn leaked_loops(backing: &Path) -> Vec<PathBuf> {
 }
 
 /// A filesystem mounted at a fresh directory; unmounted on drop.
+///
+/// A busy mount is waited for (up to a minute), not detached lazily at once:
+/// a lazily detached filesystem lives on, journal in use and data not
+/// written back, until its last user lets go, and then writes it all out.
+/// A test reading the partition meanwhile saw a dirty journal (`e2label`:
+/// "Journal flags inconsistent"), and a slot hashed meanwhile changed later
+/// by itself. What holds a mount here is short-lived (a child forked by
+/// another test thread holds copies of open files until it execs, which
+/// takes seconds on a loaded machine). A read-write mount is first made
+/// read-only, which flushes it and marks its journal clean on disk whatever
+/// still holds it.
 #[derive(Debug)]
 pub struct Mount {
     dir: PathBuf,
+    rw: bool,
 }
 
 impl Mount {
@@ -264,7 +276,7 @@ impl Mount {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        Mount { dir }
+        Mount { dir, rw }
     }
 
     pub fn path(&self) -> &Path {
@@ -274,22 +286,53 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        for attempt in 0..20 {
-            let ok = Command::new("umount")
-                .arg(&self.dir)
-                .status()
-                .is_ok_and(|s| s.success());
-            if ok {
-                // Never a recursive delete: that could empty a filesystem
-                // that is still mounted.
-                let _ = fs::remove_dir(&self.dir);
-                return;
+        use nix::mount::{mount, umount2, MntFlags, MsFlags};
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // Syscalls, not mount(8)/umount(8): spawning a process would fork
+        // this one, and the fork would hold the files other threads have open.
+        let remount_ro = || {
+            mount(
+                None::<&str>,
+                &self.dir,
+                None::<&str>,
+                MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                None::<&str>,
+            )
+        };
+        if self.rw {
+            loop {
+                match remount_ro() {
+                    Ok(()) => break,
+                    Err(nix::errno::Errno::EBUSY) if Instant::now() < deadline => {
+                        thread::sleep(Duration::from_millis(100))
+                    }
+                    Err(e) => {
+                        eprintln!("warning: remounting {} read-only: {e}", self.dir.display());
+                        break;
+                    }
+                }
             }
-            if attempt == 19 {
-                let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-                eprintln!("warning: lazily unmounted busy {}", self.dir.display());
+        }
+        loop {
+            match umount2(&self.dir, MntFlags::empty()) {
+                Ok(()) => {
+                    // Never a recursive delete: that could empty a
+                    // filesystem that is still mounted.
+                    let _ = fs::remove_dir(&self.dir);
+                    return;
+                }
+                Err(nix::errno::Errno::EBUSY) if Instant::now() < deadline => {
+                    thread::sleep(Duration::from_millis(100))
+                }
+                Err(e) => {
+                    let _ = umount2(&self.dir, MntFlags::MNT_DETACH);
+                    eprintln!(
+                        "warning: lazily unmounted {} ({e}): it is written out when its last user goes",
+                        self.dir.display()
+                    );
+                    return;
+                }
             }
-            thread::sleep(Duration::from_millis(100));
         }
     }
 }
