@@ -231,11 +231,23 @@ fn mounts_left(env: &Env, pid: u32) -> Vec<String> {
 /// Everything that must hold after a run that crashed or was stopped.
 #[track_caller]
 fn check_after(env: &Env, slot_a: &str, what: &str, o: &Outcome) {
-    assert_eq!(
-        env.disk.sha256_of_partition("rootA"),
-        slot_a,
-        "{what}: the booted slot A changed\n{o}"
-    );
+    let now = env.disk.sha256_of_partition("rootA");
+    if now != slot_a {
+        let changed = env
+            .disk
+            .changed_blocks("rootA", &env.root.join("rootA.before"));
+        let again = env.disk.sha256_of_partition("rootA");
+        panic!(
+            "{what}: the booted slot A changed (hash read again: {})\n{changed}\n{o}",
+            if again == now {
+                "same"
+            } else if again == slot_a {
+                "as before"
+            } else {
+                "different"
+            }
+        );
+    }
     let left = mounts_left(env, o.pid);
     assert!(left.is_empty(), "{what}: mounts left: {left:?}");
     // The kernel detaches a self-clearing loop device once its last user
@@ -309,6 +321,8 @@ fn check_next_install(env: &Env, bundle: &Path, what: &str, crashed: u32) {
 fn kill_matrix(env: Env, mode: &str) {
     let bundle = env.simple_bundle(VERSION);
     let slot_a = env.disk.sha256_of_partition("rootA");
+    env.disk
+        .save_partition("rootA", &env.root.join("rootA.before"));
     for point in KILL_POINTS {
         let what = format!("{mode}: SIGKILL at {point}");
         let o = run_armed(
@@ -344,6 +358,8 @@ fn sigkill_at_every_point_on_a_block_device() {
 fn signal_matrix(env: Env, mode: &str) {
     let bundle = env.simple_bundle(VERSION);
     let slot_a = env.disk.sha256_of_partition("rootA");
+    env.disk
+        .save_partition("rootA", &env.root.join("rootA.before"));
     // In the middle of the write, in the middle of preserve.
     for point in ["extract-member@4", "preserve-path@2"] {
         for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {

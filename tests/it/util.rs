@@ -522,6 +522,52 @@ impl TestDisk {
         self.sha256_prefix(label, self.part(label).size)
     }
 
+    /// Copies the partition's bytes into `dest` (read as the hashes read
+    /// it), so that a later change can be shown block by block.
+    pub fn save_partition(&self, label: &str, dest: &Path) {
+        self.flush();
+        let p = self.part(label);
+        fs::write(dest, read_range(&self.device(), p.start, p.size)).expect("saving a partition");
+    }
+
+    /// Which 4 KiB blocks of the partition differ from the copy `saved`
+    /// made, with the first bytes of each before and after: what a failed
+    /// "slot unchanged" assertion shows.
+    pub fn changed_blocks(&self, label: &str, saved: &Path) -> String {
+        self.flush();
+        let p = self.part(label);
+        let now = read_range(&self.device(), p.start, p.size);
+        let before = fs::read(saved).expect("reading a saved partition");
+        let mut out = String::new();
+        let mut n = 0;
+        for (i, (a, b)) in before.chunks(4096).zip(now.chunks(4096)).enumerate() {
+            if a == b {
+                continue;
+            }
+            n += 1;
+            if n <= 16 {
+                let first = a.iter().zip(b).position(|(x, y)| x != y).unwrap_or(0);
+                let at = first & !15;
+                let hex = |c: &[u8]| {
+                    c[at..(at + 32).min(c.len())]
+                        .iter()
+                        .map(|x| format!("{x:02x}"))
+                        .collect::<String>()
+                };
+                out += &format!(
+                    "block {i} (byte {}): first difference at +{first}\n  was {}\n  now {}\n",
+                    i * 4096,
+                    hex(a),
+                    hex(b)
+                );
+            }
+        }
+        format!(
+            "{n} of {} blocks of {label} changed\n{out}",
+            before.len() / 4096
+        )
+    }
+
     /// Adds kernel partition nodes for the whole-disk loop device (`partx -a`).
     pub fn add_kernel_partitions(&mut self) {
         let w = self
@@ -577,12 +623,7 @@ fn parse_sgdisk_info(number: u32, info: &str, sector: u64) -> Part {
 /// Hex SHA-256 of `len` bytes of `path` from `offset` (dd | sha256sum:
 /// much faster than hashing in an unoptimised test build).
 pub fn sha256_range(path: &Path, offset: u64, len: u64) -> String {
-    let direct = fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
-    let flags = if direct {
-        "iflag=skip_bytes,count_bytes,direct"
-    } else {
-        "iflag=skip_bytes,count_bytes"
-    };
+    let flags = dd_iflags(path);
     let script = format!(
         "set -o pipefail; dd if=\"$1\" bs=1M skip={offset} count={len} {flags} status=none | sha256sum"
     );
@@ -593,6 +634,33 @@ pub fn sha256_range(path: &Path, offset: u64, len: u64) -> String {
         .next()
         .unwrap_or_default()
         .to_string()
+}
+
+/// dd's input flags for byte offsets, reading a block device past its page
+/// cache (O_DIRECT): what is on the device, not what a cache remembers.
+fn dd_iflags(path: &Path) -> &'static str {
+    if fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device()) {
+        "iflag=skip_bytes,count_bytes,direct"
+    } else {
+        "iflag=skip_bytes,count_bytes"
+    }
+}
+
+/// `len` bytes of `path` from `offset`, read as [`sha256_range`] reads them.
+pub fn read_range(path: &Path, offset: u64, len: u64) -> Vec<u8> {
+    let flags = dd_iflags(path);
+    let out = Command::new("dd")
+        .arg(format!("if={}", path.display()))
+        .args(["bs=1M", &format!("skip={offset}"), &format!("count={len}")])
+        .args([flags, "status=none"])
+        .output()
+        .expect("running dd");
+    assert!(
+        out.status.success(),
+        "dd: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
 }
 
 /// Hex SHA-256 of a whole file.
