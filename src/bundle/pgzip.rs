@@ -8,7 +8,7 @@
 //!
 //! Block `k` goes to worker `k % N` and its output comes back from worker
 //! `k % N`, so order is kept with bounded channels and no reordering buffer;
-//! at most `2 N` blocks are out (and `2 N + 1` block buffers in memory).
+//! at most `N + 1` blocks are out (and `N + 2` block buffers in memory).
 
 use std::io::{self, Read, Write};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -98,11 +98,11 @@ pub struct ParallelEncoder<W: Write> {
     spare_outs: Vec<Vec<u8>>,
 }
 
-/// Blocks out at a time for `n` workers: two each (one being compressed,
-/// one waiting), so a worker never idles while this thread is busy reading
-/// or hashing, and this thread rarely waits for a worker.
+/// Blocks out at a time for `n` workers: one each and one more, so a
+/// worker finding its next block waiting rarely idles (more only costs
+/// memory: gzip blocks are 4 MiB).
 fn in_flight(n: usize) -> usize {
-    2 * n
+    n + 1
 }
 
 impl<W: Write> ParallelEncoder<W> {
