@@ -13,6 +13,7 @@
 //! - [`tar`]: a root filesystem as a tar stream, extracted onto a freshly
 //!   formatted ext4 with owners, modes, mtimes, xattrs, hard links, symlinks
 //!   and device nodes preserved.
+//! - `files`: small files of a tarball made on worker threads.
 //! - [`pax`]: reads a tar stream block by block, applying PAX records (parsed
 //!   by length, so values may hold newlines), GNU long names and GNU sparse
 //!   maps; the tar crate only decodes header fields.
@@ -23,6 +24,7 @@
 //! hashing is the caller's job; and data is made durable once, at the end
 //! (`fsync` of the device, `syncfs` of the new root), not per chunk or file.
 
+mod files;
 pub mod pax;
 pub mod pipeline;
 pub mod raw;

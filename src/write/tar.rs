@@ -47,6 +47,10 @@
 //! `SCHILY.acl.*` text (GNU tar `--acls`), whose user and group names are
 //! resolved on this system as GNU tar would.
 //!
+//! Regular files of up to 64 KiB (most of a root filesystem) are made by
+//! worker threads ([`super::files`]), exactly as above, while the stream
+//! is read on; hard links and directory metadata wait for them.
+//!
 //! Limits: entries are handled in archive order, in one pass; entry types
 //! without a filesystem meaning are refused, naming the entry. Data is made
 //! durable by one `syncfs` at the end.
@@ -69,7 +73,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 
+use super::files::{FilePool, Job, POOL_FILE_MAX};
 use super::pax::{encode_acl, Member, Region, TarReader, Time};
 use super::tree::{Node, Step, Tree};
 use super::WriteStats;
@@ -147,6 +153,7 @@ pub fn extract_tar(reader: &mut dyn Read, root: &Path) -> Result<WriteStats> {
     let mut tar = TarReader::new(BufReader::with_capacity(READ_BUFFER, reader));
     let mut stats = WriteStats::default();
     let mut deferred = Vec::new();
+    let mut pool = FilePool::start()?;
     while let Some(mut member) = tar.next_member()? {
         crate::signal::check()?;
         crate::failpoint!("extract-member");
@@ -154,17 +161,26 @@ pub fn extract_tar(reader: &mut dyn Read, root: &Path) -> Result<WriteStats> {
             stats.files += 1;
             continue;
         };
+        // A worker's error names its own entry, not this one.
+        pool.check()?;
+        if matches!(entry.action, Action::HardLink(_)) {
+            // The target may be a file a worker has yet to make.
+            pool.wait_all()?;
+        }
         let name = member.name.clone();
         extract_member(
             &mut tar,
             &mut member,
             entry,
             &mut dirs,
+            &mut pool,
             &mut deferred,
             &mut stats,
         )
         .with_context(|| format!("extracting tar entry {name}"))?;
     }
+    pool.wait_all()?;
+    drop(pool);
     // Archive order: metadata changes on a child never touch its parent's
     // mtime, and as root, restrictive parent modes do not get in the way.
     for meta in &deferred {
@@ -409,11 +425,11 @@ fn check_xattr_space(member: &Member) -> Result<()> {
 }
 
 /// Owner, mode, times and xattrs of an entry.
-struct Meta {
+pub(super) struct Meta {
     /// Entry name, for errors.
-    name: String,
+    pub(super) name: String,
     /// Where the entry was created, relative to the root.
-    path: PathBuf,
+    pub(super) path: PathBuf,
     mode: u32,
     uid: u32,
     gid: u32,
@@ -458,6 +474,7 @@ fn extract_member<R: Read>(
     member: &mut Member,
     entry: Entry,
     dirs: &mut Dirs,
+    pool: &mut FilePool,
     deferred: &mut Vec<Meta>,
     stats: &mut WriteStats,
 ) -> Result<()> {
@@ -499,22 +516,31 @@ fn extract_member<R: Read>(
             }
             deferred.push(meta);
         }
+        Action::File if member.sparse.is_none() && member.size <= POOL_FILE_MAX => {
+            // Small: read here, made by a worker.
+            let mut data = Vec::with_capacity(member.size as usize);
+            while (data.len() as u64) < member.size {
+                let chunk = tar.data(member.size - data.len() as u64)?;
+                ensure!(
+                    !chunk.is_empty(),
+                    "the tar stream ends inside the entry's data"
+                );
+                data.extend_from_slice(chunk);
+            }
+            let parent = dirs.shared(step.path.parent().unwrap_or(Path::new("")))?;
+            pool.submit(Job {
+                parent,
+                name: name.to_os_string(),
+                data,
+                meta,
+            })?;
+            stats.bytes += member.file_size;
+        }
         Action::File => {
-            let fd = openat(
-                Some(parent),
-                name,
-                OFlag::O_WRONLY
-                    | OFlag::O_CREAT
-                    | OFlag::O_EXCL
-                    | OFlag::O_NOFOLLOW
-                    | OFlag::O_CLOEXEC,
-                Mode::from_bits_truncate(0o600),
-            )
-            .with_context(|| format!("creating {}", step.path.display()))?;
-            // SAFETY: openat just returned this fd, owned by nobody else.
-            let mut file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-            write_data(tar, member, &mut file, &step.path)?;
-            apply_meta_fd(&file, &meta)?;
+            let dir = dirs.shared(step.path.parent().unwrap_or(Path::new("")))?;
+            make_file(&dir, name, &step.path, &meta, |file| {
+                write_data(tar, member, file, &step.path)
+            })?;
             stats.bytes += member.file_size;
         }
         Action::HardLink(_) => {
@@ -554,6 +580,28 @@ fn extract_member<R: Read>(
     }
     stats.files += 1;
     Ok(())
+}
+
+/// Creates the regular file `name` in the directory `dir` (never through a
+/// symlink, never over anything), fills it with `fill`, then sets `meta`.
+pub(super) fn make_file(
+    dir: &OwnedFd,
+    name: &OsStr,
+    path: &Path,
+    meta: &Meta,
+    fill: impl FnOnce(&mut File) -> Result<()>,
+) -> Result<()> {
+    let fd = openat(
+        Some(dir.as_raw_fd()),
+        name,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )
+    .with_context(|| format!("creating {}", path.display()))?;
+    // SAFETY: openat just returned this fd, owned by nobody else.
+    let mut file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    fill(&mut file)?;
+    apply_meta_fd(&file, meta)
 }
 
 /// Writes the member's data into `file`: contiguous, or for a sparse file
@@ -669,9 +717,10 @@ fn finish_dir(dirs: &mut Dirs, meta: &Meta) -> Result<()> {
 /// expects a directory makes the open fail instead of leaving the root.
 struct Dirs {
     root_path: PathBuf,
-    root: OwnedFd,
-    /// Open directories: the root's child, its child, ...
-    chain: Vec<(OsString, OwnedFd)>,
+    root: Arc<OwnedFd>,
+    /// Open directories: the root's child, its child, ... (shared with the
+    /// files handed to workers, which keep them open).
+    chain: Vec<(OsString, Arc<OwnedFd>)>,
 }
 
 const DIR_FLAGS: OFlag = OFlag::O_PATH
@@ -686,7 +735,7 @@ impl Dirs {
         Ok(Dirs {
             root_path: root.to_path_buf(),
             // SAFETY: open just returned this fd, owned by nobody else.
-            root: unsafe { OwnedFd::from_raw_fd(fd) },
+            root: Arc::new(unsafe { OwnedFd::from_raw_fd(fd) }),
             chain: Vec::new(),
         })
     }
@@ -694,6 +743,12 @@ impl Dirs {
     /// The fd of the directory `dir` (a real path relative to the root),
     /// valid until the next call.
     fn get(&mut self, dir: &Path) -> Result<RawFd> {
+        Ok(self.shared(dir)?.as_raw_fd())
+    }
+
+    /// The fd of the directory `dir` (a real path relative to the root),
+    /// shared: it stays open as long as a holder keeps it.
+    fn shared(&mut self, dir: &Path) -> Result<Arc<OwnedFd>> {
         let parts: Vec<&OsStr> = dir.iter().collect();
         let common = self
             .chain
@@ -706,13 +761,11 @@ impl Dirs {
             let parent = self.chain.last().map_or(&self.root, |(_, fd)| fd);
             let fd = open_child(parent.as_raw_fd(), part, DIR_FLAGS)
                 .with_context(|| format!("opening directory {}", dir.display()))?;
-            self.chain.push((part.to_os_string(), fd));
+            self.chain.push((part.to_os_string(), Arc::new(fd)));
         }
-        Ok(self
-            .chain
-            .last()
-            .map_or(&self.root, |(_, fd)| fd)
-            .as_raw_fd())
+        Ok(Arc::clone(
+            self.chain.last().map_or(&self.root, |(_, fd)| fd),
+        ))
     }
 
     /// The fd of `path`'s parent directory and `path`'s last component.
@@ -1066,6 +1119,53 @@ mod tests {
     fn extract_err(tar: &[u8], root: &Path) -> String {
         let err = extract_tar(&mut &tar[..], root).unwrap_err();
         format!("{err:#}")
+    }
+
+    /// A file the kernel refuses is an error naming its entry, whether a
+    /// worker made it (small) or the extractor itself (large); the files
+    /// before it, and a hard link to one made by a worker, are complete.
+    #[test]
+    fn errors_making_files_name_the_entry() {
+        for size in [10, POOL_FILE_MAX as usize + 1] {
+            let root = tempfile::tempdir().unwrap();
+            let long = format!("d/{}", "x".repeat(300));
+            let mut b = ::tar::Builder::new(Vec::new());
+            let mut add = |path: &str, kind: ::tar::EntryType, link: &str, data: &[u8]| {
+                let mut h = ::tar::Header::new_gnu();
+                h.set_entry_type(kind);
+                h.set_mode(0o640);
+                h.set_size(data.len() as u64);
+                h.set_mtime(1_000_000_000);
+                h.set_uid(0);
+                h.set_gid(0);
+                if kind == ::tar::EntryType::Link {
+                    b.append_link(&mut h, path, link).unwrap();
+                } else {
+                    b.append_data(&mut h, path, data).unwrap();
+                }
+            };
+            let data = vec![7u8; size];
+            for i in 0..100 {
+                add(&format!("d/f{i}"), ::tar::EntryType::Regular, "", &data);
+            }
+            add("d/h", ::tar::EntryType::Link, "d/f99", b"");
+            add(&long, ::tar::EntryType::Regular, "", &data);
+            add("d/after", ::tar::EntryType::Regular, "", &data);
+            let tar = b.into_inner().unwrap();
+            let msg = extract_err(&tar, root.path());
+            assert!(
+                msg.starts_with(&format!("extracting tar entry {long}: creating {long}: ")),
+                "{size}: {msg}"
+            );
+            assert!(msg.contains("too long"), "{size}: {msg}");
+            for i in 0..100 {
+                let f = root.path().join(format!("d/f{i}"));
+                assert_eq!(fs::read(&f).unwrap(), data, "{size}");
+                assert_eq!(lstat(&f).mode() & 0o7777, 0o640, "{size}");
+                assert_eq!(lstat(&f).mtime(), 1_000_000_000, "{size}");
+            }
+            assert_eq!(lstat(&root.path().join("d/h")).nlink(), 2, "{size}");
+        }
     }
 
     #[test]
