@@ -57,7 +57,10 @@ impl WholeDisk {
 
 impl Drop for WholeDisk {
     fn drop(&mut self) {
-        let _ = Command::new("partx").arg("-d").arg(self.path()).status();
+        let left = util::remove_kernel_partitions(self.path());
+        if !left.is_empty() {
+            eprintln!("warning: kernel partitions left: {left:?}");
+        }
         self.lo.take();
     }
 }

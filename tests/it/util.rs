@@ -185,23 +185,35 @@ pub fn kernel_partitions_of(dev: &Path) -> Vec<String> {
 /// image that the test does not expect (abup refuses such a stale node, and
 /// a test reading through one reads the wrong range).
 fn clear_stale_partitions(dev: &Path) {
+    let left = remove_kernel_partitions(dev);
+    assert!(
+        left.is_empty(),
+        "{} came with kernel partitions of an earlier user that cannot be removed: {left:?}",
+        dev.display()
+    );
+}
+
+/// Removes the kernel partitions of block device `dev` (`partx -d`) and
+/// returns those still there after about 10 s of retrying: a partition
+/// briefly held (a slow unmount, a dying child) cannot be removed yet, and
+/// one left behind outlives the loop device's detach and reaches into the
+/// next user's image.
+pub fn remove_kernel_partitions(dev: &Path) -> Vec<String> {
     for attempt in 0..20u64 {
         if kernel_partitions_of(dev).is_empty() {
-            return;
+            break;
         }
         let _ = Command::new("partx")
             .arg("-d")
             .arg(dev)
             .stderr(Stdio::null())
             .status();
-        thread::sleep(Duration::from_millis(50 * attempt));
+        if kernel_partitions_of(dev).is_empty() {
+            break;
+        }
+        thread::sleep(Duration::from_millis(50 * (attempt + 1)));
     }
-    let left = kernel_partitions_of(dev);
-    assert!(
-        left.is_empty(),
-        "{} came with kernel partitions of an earlier user that cannot be removed: {left:?}",
-        dev.display()
-    );
+    kernel_partitions_of(dev)
 }
 
 /// Loop devices attached to `backing` (a file or block device), as
@@ -218,10 +230,12 @@ pub fn loops_over(backing: &Path) -> Vec<PathBuf> {
 }
 
 /// Loop devices over `backing` that no guard of this process holds: what
-/// abup left behind. The kernel finishes a deferred detach on last close, so
-/// give it a moment.
+/// abup left behind. The kernel finishes a deferred detach on last close,
+/// after it has torn down the mount namespace of an abup that exited (work
+/// it does in the background, seconds later on a loaded machine): wait up to
+/// 20 s for that.
 pub fn leaked_loops(backing: &Path) -> Vec<PathBuf> {
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let held = lock(&HELD_LOOPS).clone();
         let leaked: Vec<PathBuf> = loops_over(backing)
@@ -381,24 +395,14 @@ pub struct TestDisk {
 
 impl Drop for TestDisk {
     fn drop(&mut self) {
+        // Those `partx -a` added, or a test's own (addpart).
         if let Some(w) = &self.whole {
-            // A partition still held (a slow unmount, a dying child) makes
-            // `partx -d` fail for it; a kernel partition left behind would
-            // outlive the detach and break the next user of this loop number.
-            // (A test may have added one of its own: addpart.)
-            for attempt in 0..20u64 {
-                if kernel_partitions_of(w.path()).is_empty() {
-                    break;
-                }
-                let done = Command::new("partx")
-                    .arg("-d")
-                    .arg(w.path())
-                    .status()
-                    .is_ok_and(|s| s.success());
-                if done {
-                    break;
-                }
-                thread::sleep(Duration::from_millis(50 * (attempt + 1)));
+            let left = remove_kernel_partitions(w.path());
+            if !left.is_empty() {
+                eprintln!(
+                    "warning: kernel partitions left on {}: {left:?}",
+                    w.path().display()
+                );
             }
         }
     }
