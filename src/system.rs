@@ -122,14 +122,30 @@ impl System {
                     s.name
                 ));
             }
+            // Out of tries, yet what the bootloader starts next: it falls
+            // back to a slot without tries when no slot has any
+            // (systemd-boot, U-Boot; GRUB then boots nothing).
+            let last_resort = !info.ok && next == Some(s.name);
+            if last_resort {
+                warnings.push(format!(
+                    "no slot has tries left: the bootloader starts slot {} anyway, as its last \
+                     resort; run `abup mark-good` there once it works, or `abup mark-active` \
+                     for a slot that does",
+                    s.name
+                ));
+            }
             slots.insert(
                 s.name.to_string(),
                 SlotStatus {
-                    state: slot_state(
-                        info.ok,
-                        self.booted == Some(s.name),
-                        rec.map(|r| (r.content, r.good && !r.inactive, r.inactive)),
-                    ),
+                    state: if last_resort {
+                        LAST_RESORT
+                    } else {
+                        slot_state(
+                            info.ok,
+                            self.booted == Some(s.name),
+                            rec.map(|r| (r.content, r.good && !r.inactive, r.inactive)),
+                        )
+                    },
                     version: complete.map(|r| r.version.clone()),
                     bundle_sha256: complete.map(|r| r.bundle_sha256.clone()),
                     installed_at: complete.map(|r| r.installed_at),
@@ -178,7 +194,12 @@ impl System {
     }
 }
 
-/// The state shown for a slot.
+/// The state of a slot that used its tries but is what the bootloader
+/// starts next all the same, because no slot has tries left.
+pub const LAST_RESORT: &str = "last-resort";
+
+/// The state shown for a slot the bootloader does not start as its last
+/// resort ([`LAST_RESORT`]).
 ///
 /// - `empty`: no known complete install (never installed, or an install was
 ///   interrupted) and not booted.

@@ -451,6 +451,25 @@ fn slot_verbs_round_trip(mode: EspMode) {
     env.abup(&["--booted-slot", "A", "rollback"])
         .failed(3, &["slot B"]);
 
+    // A used up its tries too: systemd-boot boots the first entry all the
+    // same (bootctl's default: B, the newer), so status calls that slot
+    // its last resort, not bad, and warns; A is bad.
+    sd.rename("abup-3-a+3.conf", "abup-3-a+0-3.conf");
+    let st = agree(&sd, "A", "B");
+    assert_eq!(st["slots"]["B"]["state"], "last-resort", "{st:#}");
+    assert_eq!(st["slots"]["A"]["state"], "bad", "{st:#}");
+    assert!(
+        st["warnings"]
+            .to_string()
+            .contains("no slot has tries left: the bootloader starts slot B anyway"),
+        "{st:#}"
+    );
+    let text = env.abup(&["--booted-slot", "A", "status"]);
+    assert!(
+        text.ok().stdout.contains("slot B: last-resort (primary)"),
+        "{text}"
+    );
+
     // The booted slot comes from LoaderEntrySelected when it is set
     // (systemd-boot sets it to the entry's id before renaming the file).
     sd.set_efivar("LoaderEntrySelected", "abup-3-a+3.conf");

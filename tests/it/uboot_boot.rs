@@ -288,6 +288,7 @@ fn uboot_real_boots_install_fallback_and_no_boot_loop() {
     // (the boot below proves it), with no "nothing bootable" warning.
     let st = env.status(Some("B"));
     assert_eq!(st["primary"], "B", "{st:#}");
+    assert_eq!(st["slots"]["B"]["state"], "last-resort", "{st:#}");
     assert!(
         !st["warnings"].to_string().contains("no slot it can boot"),
         "{st:#}"
