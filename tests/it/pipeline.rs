@@ -1,8 +1,7 @@
 //! The pipelined write path seen from outside: a signal stops an install
 //! whose input stalled in the middle of the payload (the reader thread is
-//! stuck in a read that never returns, so the consumer must notice), and a
-//! raw image reinstalled onto a slot that already holds it skips the blocks
-//! that are already identical.
+//! stuck in a read that never returns, so the consumer must notice).
+//! (Skipping blocks already identical on the target is not built yet.)
 
 use crate::util::*;
 use nix::sys::signal::{kill, Signal};
