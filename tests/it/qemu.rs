@@ -433,23 +433,23 @@ impl Vm {
                 }
             };
             if let Some(m) = found {
-                let _ = child.kill();
-                let _ = child.wait();
                 break Ended::Stopped(m.to_string());
             }
             if start.elapsed() > self.timeout {
-                let _ = child.kill();
-                let _ = child.wait();
                 break Ended::TimedOut;
             }
             let last = out.lock().unwrap().1.last().map_or(0.0, |a| a.1);
             if start.elapsed().as_secs_f64() - last > self.stall.as_secs_f64() {
-                let _ = child.kill();
-                let _ = child.wait();
                 break Ended::Stalled;
             }
             thread::sleep(Duration::from_millis(100));
         };
+        // Every end but its own exit is a kill; the console reader ends
+        // once QEMU is gone.
+        if ended != Ended::Exited {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         let secs = start.elapsed().as_secs_f64();
         let _ = reader.join();
         let mut err = String::new();
